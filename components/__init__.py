@@ -1,0 +1,1 @@
+"""segpipe pipeline components: each module exposes one plain function over artifact paths."""

@@ -1,0 +1,192 @@
+"""Artifact contracts, named once: types, on-disk layout, atomic publishing, metadata files.
+
+Every component writes each output into a temporary sibling folder and renames it into place only
+when the work succeeded, so a reader (or a rerun after a crash) never sees a half-written artifact.
+Each published artifact carries `segpipe_artifact.json`: its type, producer, parameters, counts,
+a fingerprint of its inputs and the code version.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+# Artifact types (the names ML Metadata and Kubeflow see).
+EXAMPLES = "Examples"
+STATISTICS = "ExampleStatistics"
+SCHEMA = "Schema"
+ANOMALIES = "ExampleAnomalies"
+TRANSFORM_GRAPH = "TransformGraph"
+TRANSFORMED_EXAMPLES = "TransformedExamples"
+MODEL = "Model"
+MODEL_RUN = "ModelRun"
+MODEL_EVALUATION = "ModelEvaluation"
+MODEL_BLESSING = "ModelBlessing"
+PUSHED_MODEL = "PushedModel"
+
+# Split names. `eval` drives checkpoints and early stopping; `test` is the Evaluator's alone.
+TRAIN = "train"
+EVAL = "eval"
+TEST = "test"
+QUARANTINE = "quarantine"
+SPLITS = (TRAIN, EVAL, TEST)
+
+# Raw example feature keys (see README "Data format").
+IMAGE_KEY = "image"
+MASK_KEY = "mask"
+ID_KEY = "id"
+IGNORE_LABEL = 255
+
+METADATA_FILE = "segpipe_artifact.json"
+SHARD_PATTERN = "data-*.tfrecord.gz"  # inside each split folder
+
+
+def split_dir(artifact_uri: str | os.PathLike, split: str) -> Path:
+    """`<artifact>/Split-<split>/`: the split layout TFX users know."""
+    return Path(artifact_uri) / f"Split-{split}"
+
+
+def split_files(artifact_uri: str | os.PathLike, split: str) -> list[str]:
+    return sorted(str(p) for p in split_dir(artifact_uri, split).glob(SHARD_PATTERN))
+
+
+def shard_prefix(artifact_uri: str | os.PathLike, split: str) -> str:
+    """Prefix for Beam's WriteToTFRecord so shards match SHARD_PATTERN."""
+    return str(split_dir(artifact_uri, split) / "data")
+
+
+# Fixed sub-paths inside artifacts.
+SAVED_MODEL_DIR = "serving_model"  # Model: the SavedModel with the transform embedded
+KERAS_MODEL_FILE = "model.keras"  # Model: for warm starts (Keras 3 cannot train a SavedModel)
+STATS_FILE = "stats.pb"  # Statistics: per split folder, DatasetFeatureStatisticsList
+SCHEMA_FILE = "schema.pbtxt"
+ANOMALIES_FILE = "anomalies.pbtxt"
+EVALUATION_FILE = "metrics.json"
+BLESSING_FILE = "blessing.json"
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    type: str
+    producer: str
+    parameters: dict[str, Any]
+    counts: dict[str, Any]
+    input_fingerprint: str
+    code_version: str
+    created: float
+    extra: dict[str, Any]
+
+
+def code_version() -> str:
+    """segpipe's version plus a digest of the installed component source, so edits miss the cache."""
+    try:
+        version = importlib_metadata.version("segpipe")
+    except importlib_metadata.PackageNotFoundError:
+        version = "0+unknown"
+    digest = hashlib.sha256()
+    for package in ("components", "schemas"):
+        root = Path(__file__).resolve().parent.parent / package
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".pbtxt") and "__pycache__" not in path.parts:
+                digest.update(path.relative_to(root.parent).as_posix().encode())
+                digest.update(path.read_bytes())
+    return f"{version}+{digest.hexdigest()[:12]}"
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable digest of JSON-able values (parameters, input fingerprints)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_info(artifact_uri: str | os.PathLike) -> ArtifactInfo:
+    with open(Path(artifact_uri) / METADATA_FILE) as fh:
+        return ArtifactInfo(**json.load(fh))
+
+
+def input_fingerprint(*artifact_uris: str | os.PathLike | None) -> str:
+    """Digest of the input artifacts' own fingerprints (plus their paths' metadata)."""
+    parts = []
+    for uri in artifact_uris:
+        if uri is None:
+            parts.append(None)
+            continue
+        meta = Path(uri) / METADATA_FILE
+        parts.append(json.loads(meta.read_text()) if meta.exists() else str(uri))
+    return fingerprint(parts)
+
+
+@contextlib.contextmanager
+def publish(
+    artifact_uri: str | os.PathLike,
+    artifact_type: str,
+    *,
+    producer: str,
+    parameters: Mapping[str, Any] | None = None,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Write an artifact atomically.
+
+    Yields `(tmp_dir, info)`: write files into `tmp_dir` and put record counts into
+    `info["counts"]` (anything else into `info["extra"]`). On a clean exit the metadata file is
+    written and `tmp_dir` renamed to `artifact_uri`; on an exception it is removed and nothing
+    appears at `artifact_uri`. An existing artifact at `artifact_uri` is replaced only after the
+    new one is complete (a rerun after a crash).
+    """
+    final = Path(artifact_uri)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    info: dict[str, Any] = {"counts": {}, "extra": {}}
+    try:
+        yield tmp, info
+        record = ArtifactInfo(
+            type=artifact_type,
+            producer=producer,
+            parameters=dict(parameters or {}),
+            counts=info["counts"],
+            input_fingerprint=input_fingerprint(*inputs),
+            code_version=code_version(),
+            created=time.time(),
+            extra=info["extra"],
+        )
+        (tmp / METADATA_FILE).write_text(json.dumps(record.__dict__, indent=2, sort_keys=True, default=str))
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.debug("published %s at %s", artifact_type, final)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename `src` onto `dst`; an old `dst` is moved aside first and removed after."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def is_published(artifact_uri: str | os.PathLike) -> bool:
+    return (Path(artifact_uri) / METADATA_FILE).is_file()
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
+    """Write a JSON file via a temp name + rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

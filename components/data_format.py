@@ -1,0 +1,146 @@
+"""The raw data format: `tf.train.Example{image, mask, id}` in TFRecord span folders.
+
+Writers (demo data, importers, tests) and readers (ExampleGen) share these functions so that
+the format is defined in one place. A span folder is written under a hidden temporary name that no
+input pattern matches and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+from PIL import Image
+
+from components.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY
+from components.errors import BadInputError
+
+LABELS_FILE = "labels.json"
+SPAN_DIR = "span-{span}"
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of an HxW (mask) or HxWx3 (image) uint8 array."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode PNG/JPEG bytes with PIL, keeping its mode (RGB -> HxWx3, L -> HxW)."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return np.asarray(img)
+
+
+def encode_example(example_id: str, image: bytes, mask: bytes) -> bytes:
+    """Serialize one raw example."""
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    def _bytes(value: bytes) -> feature_pb2.Feature:
+        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value]))
+
+    example = example_pb2.Example(
+        features=feature_pb2.Features(
+            feature={
+                IMAGE_KEY: _bytes(image),
+                MASK_KEY: _bytes(mask),
+                ID_KEY: _bytes(example_id.encode("utf-8")),
+            }
+        )
+    )
+    return example.SerializeToString()
+
+
+def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
+    """(id, image bytes, mask bytes); ValueError names the missing or malformed feature."""
+    from google.protobuf.message import DecodeError
+    from tensorflow.core.example import example_pb2
+
+    example = example_pb2.Example()
+    try:
+        example.ParseFromString(serialized)
+    except DecodeError as exc:
+        raise ValueError(f"not a tf.train.Example ({exc})") from None
+    features = example.features.feature
+    values = []
+    for key in (ID_KEY, IMAGE_KEY, MASK_KEY):
+        if key not in features:
+            raise ValueError(f"missing feature '{key}'")
+        items = features[key].bytes_list.value
+        if len(items) != 1:
+            raise ValueError(f"feature '{key}' must hold exactly one bytes value, has {len(items)}")
+        values.append(items[0])
+    example_id = values[0].decode("utf-8", errors="replace")
+    return example_id, values[1], values[2]
+
+
+def span_dir(data_root: str | os.PathLike, span: int) -> Path:
+    return Path(data_root) / SPAN_DIR.format(span=span)
+
+
+def write_span(
+    data_root: str | os.PathLike,
+    span: int,
+    records: Iterable[bytes],
+    *,
+    num_shards: int = 1,
+    compress: bool = True,
+) -> tuple[Path, int]:
+    """Write serialized examples as `<data_root>/span-<span>/part-XXXXX-of-YYYYY.tfrecord[.gz]`.
+
+    The folder appears only when every shard is complete; an existing span is never overwritten.
+    Returns (span folder, number of records).
+    """
+    import tensorflow as tf
+
+    final = span_dir(data_root, span)
+    if final.exists():
+        raise BadInputError(f"{final}: span {span} already exists; spans are immutable, use a new span number")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    suffix = ".tfrecord.gz" if compress else ".tfrecord"
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if compress else "")
+    count = 0
+    try:
+        writers = [
+            tf.io.TFRecordWriter(str(tmp / f"part-{i:05d}-of-{num_shards:05d}{suffix}"), options)
+            for i in range(num_shards)
+        ]
+        for record in records:
+            writers[count % num_shards].write(record)
+            count += 1
+        for writer in writers:
+            writer.close()
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, count
+
+
+def write_labels(data_root: str | os.PathLike, labels: Mapping[int, str]) -> Path:
+    path = Path(data_root) / LABELS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{LABELS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_labels(data_root: str | os.PathLike) -> dict[int, str]:
+    """Class id -> name from `labels.json`; BadInputError names the file when it is malformed."""
+    path = Path(data_root) / LABELS_FILE
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): str(v) for k, v in raw.items()}
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: labels file not found") from None
+    except (ValueError, AttributeError) as exc:
+        raise BadInputError(f"{path}: expected a JSON object of class id -> name ({exc})") from None

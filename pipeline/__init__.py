@@ -1,0 +1,1 @@
+"""The segpipe pipeline: configuration, the DAG declared once, its runners and the CLI."""

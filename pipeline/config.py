@@ -1,0 +1,337 @@
+"""The one typed segpipe configuration.
+
+Layers, later wins: `default.yaml` (every field, commented) <- a profile (`profiles/<name>.yaml`)
+<- the user's YAML file <- `--set section.field=value` overrides. Every layer is validated the same
+way, and errors name the field (`train.epochs: expected int, got 'ten'`) so the CLI can print one
+line and exit 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROFILES = ("demo", "seed")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _rng(lo: float | None = None, hi: float | None = None, choices: tuple = ()) -> dict:
+    return {"min": lo, "max": hi, "choices": choices}
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Hash-bucket weights of the deterministic split (by example id)."""
+
+    train: int = field(metadata=_rng(1))
+    eval: int = field(metadata=_rng(1))
+    test: int = field(metadata=_rng(1))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str  # "" = <pipeline root>/data
+    input_pattern: str  # relative to `root` unless absolute; must contain {SPAN}
+    span: int | None = field(metadata=_rng(0))  # None = the latest span
+    num_spans: int = field(metadata=_rng(1))  # read the last K spans ending at `span`
+    num_classes: int = field(metadata=_rng(2, 254))  # class ids 0..K-1, 0 = background
+    min_image_size: int = field(metadata=_rng(1))
+    skip_bad_records: bool
+    splits: SplitConfig
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    schema_path: str  # "" = the schema shipped in `schemas/`
+    max_invalid_fraction: float = field(metadata=_rng(0.0, 1.0))
+    drift_threshold: float = field(metadata=_rng(0.0, 1.0))  # Jensen-Shannon; 0 disables
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    image_size: int = field(metadata=_rng(8, 4096))
+    standardize: bool
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_filters: int = field(metadata=_rng(1, 1024))
+    depth: int = field(metadata=_rng(1, 8))
+    batch_norm: bool
+    dropout: float = field(metadata=_rng(0.0, 0.9))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = field(metadata=_rng(1))
+    epochs: int = field(metadata=_rng(1))
+    learning_rate: float = field(metadata=_rng(0.0))
+    loss: str = field(metadata=_rng(choices=("bce", "dice_bce")))
+    early_stopping_patience: int = field(metadata=_rng(0))
+    shuffle_buffer: int = field(metadata=_rng(1))
+    cache: bool
+    augment_flip: bool
+    augment_rot90: bool
+    augment_zoom: float = field(metadata=_rng(0.0, 0.9))
+    mixed_precision: str = field(metadata=_rng(choices=("auto", "on", "off")))
+    jit_compile: bool
+    warm_start: bool
+    seed: int = field(metadata=_rng(0))
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    pixel_accuracy_threshold: float = field(metadata=_rng(0.0, 1.0))
+    min_foreground_iou: float = field(metadata=_rng(0.0, 1.0))
+    max_regression: float = field(metadata=_rng(0.0, 1.0))
+    num_worst_examples: int = field(metadata=_rng(0))
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    serving_dir: str  # "" = <pipeline root>/serving
+    keep_last: int = field(metadata=_rng(0))  # 0 keeps every version
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    pipeline_args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KubeflowConfig:
+    image: str
+    pipeline_root: str  # "" = the KFP deployment's default artifact store
+    cpu_request: str
+    memory_request: str
+    trainer_cpu_request: str
+    trainer_memory_request: str
+    accelerator_type: str  # e.g. NVIDIA_TESLA_T4 or nvidia.com/gpu; "" = no GPU
+    accelerator_limit: int = field(metadata=_rng(0))
+    gpu_node_selector: dict[str, str]
+    gpu_tolerations: tuple[str, ...]  # "key=value:Effect" or "key:Effect"
+    retries: int = field(metadata=_rng(0))
+    backoff_seconds: int = field(metadata=_rng(0))
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    sqlite_path: str  # "" = <pipeline root>/metadata.sqlite
+    mysql_host: str  # non-empty switches ML Metadata to MySQL
+    mysql_port: int = field(metadata=_rng(1, 65535))
+    mysql_database: str
+    mysql_user: str
+    mysql_password_env: str  # name of the environment variable holding the password
+
+
+@dataclass(frozen=True)
+class SegpipeConfig:
+    profile: str = field(metadata=_rng(choices=PROFILES))
+    pipeline_name: str
+    root: str
+    data: DataConfig
+    validation: ValidationConfig
+    transform: TransformConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluation: EvaluationConfig
+    push: PushConfig
+    beam: BeamConfig
+    kubeflow: KubeflowConfig
+    metadata: MetadataConfig
+
+    # Derived locations: "" in the YAML means "under the pipeline root".
+    @property
+    def data_root(self) -> str:
+        return self.data.root or str(Path(self.root) / "data")
+
+    @property
+    def serving_dir(self) -> str:
+        return self.push.serving_dir or str(Path(self.root) / "serving")
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.metadata.sqlite_path or str(Path(self.root) / "metadata.sqlite")
+
+    @property
+    def schema_path(self) -> str:
+        return self.validation.schema_path or str(resources.files("schemas") / "schema.pbtxt")
+
+    @property
+    def input_pattern(self) -> str:
+        pattern = self.data.input_pattern
+        return pattern if Path(pattern).is_absolute() else str(Path(self.data_root) / pattern)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _packaged_yaml(name: str) -> dict[str, Any]:
+    return _read_yaml((resources.files("pipeline") / name).read_text(), f"pipeline/{name}")
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if key not in base:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+        if isinstance(base[key], dict) and isinstance(value, dict) and not _is_free_mapping(prefix + key):
+            merged[key] = _merge(base[key], value, f"{prefix}{key}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def _is_free_mapping(dotted: str) -> bool:
+    """Fields typed dict[str, str]: their keys are user data, not config keys."""
+    return dotted in {"kubeflow.gpu_node_selector"}
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, name)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, name + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(v, str, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(v, str, f"{name}.{k}") for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{name}: expected int, got bool {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], name: str) -> None:
+    if value is None or not meta:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, meta['choices']))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}: {value!r} is above the maximum {hi}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key")
+    kwargs = {}
+    for name, fld in fields.items():
+        if name not in values:
+            raise ConfigError(f"{prefix}{name}: missing")
+        value = _coerce(values[name], hints[name], prefix + name)
+        _check_range(value, fld.metadata, prefix + name)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_consistency(cfg: SegpipeConfig) -> None:
+    factor = 2 ** cfg.model.depth
+    if cfg.transform.image_size % factor:
+        raise ConfigError(
+            f"transform.image_size: {cfg.transform.image_size} is not divisible by 2**model.depth = {factor}"
+        )
+    if "{SPAN}" not in cfg.data.input_pattern:
+        raise ConfigError(f"data.input_pattern: {cfg.data.input_pattern!r} has no {{SPAN}} placeholder")
+    if cfg.data.min_image_size < 1:
+        raise ConfigError("data.min_image_size: must be positive")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=3` -> ("train.epochs", 3); the value is read as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE")
+    value = _read_yaml(f"v: {raw}", f"--set {key}")["v"] if raw.strip() else ""
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> SegpipeConfig:
+    """Build the validated config; raises ConfigError naming the first bad field."""
+    values = _packaged_yaml("default.yaml")
+    user: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+        user = _read_yaml(text, str(path))
+    chosen = profile or user.get("profile") or values["profile"]
+    if chosen not in PROFILES:
+        raise ConfigError(f"profile: {chosen!r} is not one of {', '.join(PROFILES)}")
+    values = _merge(values, _packaged_yaml(f"profiles/{chosen}.yaml"))
+    values = _merge(values, user)
+    for dotted, value in (overrides or {}).items():
+        values = _merge(values, _nest(dotted, value))
+    values["profile"] = chosen
+    cfg = _build(SegpipeConfig, values)
+    _check_consistency(cfg)
+    return cfg
+
+
+def with_overrides(cfg: SegpipeConfig, overrides: Mapping[str, Any]) -> SegpipeConfig:
+    """A copy of `cfg` with dotted overrides applied and validated again."""
+    values = cfg.as_dict()
+    for dotted, value in overrides.items():
+        values = _merge(values, _nest(dotted, value))
+    new = _build(SegpipeConfig, values)
+    _check_consistency(new)
+    return new
