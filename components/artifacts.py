@@ -46,6 +46,7 @@ SPLITS = (TRAIN, EVAL, TEST)
 IMAGE_KEY = "image"
 MASK_KEY = "mask"
 ID_KEY = "id"
+REASON_KEY = "reason"  # bytes feature on quarantined examples: "<kind>: <detail>"
 IGNORE_LABEL = 255
 
 METADATA_FILE = "segpipe_artifact.json"

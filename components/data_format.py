@@ -84,6 +84,22 @@ def span_dir(data_root: str | os.PathLike, span: int) -> Path:
     return Path(data_root) / SPAN_DIR.format(span=span)
 
 
+def list_spans(data_root: str | os.PathLike) -> list[int]:
+    """Span numbers of the complete `span-<N>` folders under `data_root`, sorted numerically."""
+    root = Path(data_root)
+    if not root.is_dir():
+        return []
+    prefix = SPAN_DIR.format(span="")
+    names = (p.name[len(prefix):] for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix))
+    return sorted(int(n) for n in names if n.isdigit() and str(int(n)) == n)
+
+
+def next_span(data_root: str | os.PathLike) -> int:
+    """The span number a new batch of data gets by default: one past the latest (1 when none)."""
+    spans = list_spans(data_root)
+    return spans[-1] + 1 if spans else 1
+
+
 def write_span(
     data_root: str | os.PathLike,
     span: int,

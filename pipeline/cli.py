@@ -63,11 +63,473 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_config_show)
 
 
+# ------------------------------------------------------------------ serving, predict, evaluate
+
+
+def _serving_dir_from_args(args: argparse.Namespace) -> str:
+    return args.serving_dir or config_from_args(args).serving_dir
+
+
+def _run_serving_list(args: argparse.Namespace) -> int:
+    from components.pusher import list_versions
+
+    serving_dir = _serving_dir_from_args(args)
+    versions = list_versions(serving_dir)
+    if not versions:
+        print(f"no versions in {serving_dir}")
+        return EXIT_OK
+    print(f"{'version':>7}  {'pushed_at':20}  {'pixel_acc':>9}  {'fg_iou':>7}  {'mean_iou':>8}  note")
+    for entry in versions:
+        info = entry["info"]
+        metrics = info.get("metrics", {})
+        note = f"rollback of {info['rolled_back_from']}" if "rolled_back_from" in info else info.get("run_id") or ""
+        cells = [_fmt_metric(metrics.get(k)) for k in ("pixel_accuracy", "foreground_iou", "mean_iou")]
+        print(f"{entry['version']:>7}  {info.get('pushed_at', '?'):20}  {cells[0]:>9}  {cells[1]:>7}  {cells[2]:>8}  {note}")
+    return EXIT_OK
+
+
+def _fmt_metric(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _run_serving_rollback(args: argparse.Namespace) -> int:
+    from components.pusher import rollback
+
+    result = rollback(_serving_dir_from_args(args), args.version)
+    print(f"version {result['version']} now serves the model of version {args.version} ({result['path']})")
+    return EXIT_OK
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from components.predict import predict_images
+
+    result = predict_images(args.model, args.inputs, args.out, batch_size=args.batch_size)
+    print(f"wrote {len(result['written'])} mask(s) and overlay(s) to {args.out}")
+    if result["failed"]:
+        for path, reason in result["failed"]:
+            print(f"segpipe: {path}: {reason}", file=sys.stderr)
+        raise BadInputError(f"{len(result['failed'])} of {result['total']} image(s) failed (listed above)")
+    return EXIT_OK
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import glob
+    import json
+    import time
+    from pathlib import Path
+
+    from components.evaluator import evaluate_files
+
+    cfg = config_from_args(args)
+    pattern = args.data
+    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else None
+    if files is None:
+        from components.artifacts import TEST, split_files
+
+        files = split_files(pattern, TEST) if Path(pattern).is_dir() else ([pattern] if Path(pattern).is_file() else [])
+    if not files:
+        raise BadInputError(f"--data {pattern}: matches no TFRecord files (a glob, a file or an Examples artifact)")
+    out = Path(args.out or Path(cfg.root) / "evaluate" / time.strftime("%Y%m%d-%H%M%S"))
+    ev = cfg.evaluation
+    result = evaluate_files(
+        args.model,
+        files,
+        str(out / "evaluation"),
+        str(out / "blessing"),
+        baseline_model_uri=args.baseline,
+        num_classes=cfg.data.num_classes,
+        pixel_accuracy_threshold=ev.pixel_accuracy_threshold,
+        min_foreground_iou=ev.min_foreground_iou,
+        max_regression=ev.max_regression,
+        num_worst_examples=ev.num_worst_examples,
+        beam_args=list(cfg.beam.pipeline_args),
+    )
+    print(json.dumps(result["metrics"], indent=2))
+    verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
+    print(f"{verdict}\nevaluation written to {out}")
+    return EXIT_OK if result["blessed"] else EXIT_NOT_BLESSED
+
+
+def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
+    serving = sub.add_parser("serving", help="list or roll back the versions in the serving directory")
+    serving_sub = serving.add_subparsers(dest="serving_command", metavar="ACTION", required=True)
+    for name, handler, text in (
+        ("list", _run_serving_list, "versions with their metrics"),
+        ("rollback", _run_serving_rollback, "re-push VERSION as the new highest version"),
+    ):
+        p = serving_sub.add_parser(name, help=text)
+        if name == "rollback":
+            p.add_argument("version", type=int, metavar="VERSION")
+        p.add_argument("--serving-dir", help="default: push.serving_dir of the config")
+        add_config_options(p)
+        p.set_defaults(handler=handler)
+
+    model_help = "a SavedModel folder, a Model artifact or a serving directory (its highest version)"
+    p = sub.add_parser("predict", help="segment image files through the model's serving signature")
+    p.add_argument("--model", required=True, metavar="DIR", help=model_help)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes <stem>_mask.png and <stem>_overlay.png")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(handler=_run_predict)
+
+    p = sub.add_parser("evaluate", help="run the evaluator and its gate on raw examples (exit 3 if not blessed)")
+    p.add_argument("--model", required=True, metavar="DIR", help=model_help)
+    p.add_argument(
+        "--data", required=True, metavar="PATTERN", help="glob of raw TFRecord files, or an Examples artifact (its test split)"
+    )
+    p.add_argument("--baseline", metavar="DIR", help="baseline model to compare against (" + model_help + ")")
+    p.add_argument("--out", metavar="DIR", help="where evaluation/ and blessing/ go (default <root>/evaluate/<time>)")
+    add_config_options(p)
+    p.set_defaults(handler=_run_evaluate)
+
+
+# ------------------------------------------------------------------ data: demo-data, import
+
+
+def _data_root_from_args(args: argparse.Namespace) -> str:
+    return args.out or config_from_args(args).data_root
+
+
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "span" else 1):
+            bound = "0" if name == "span" else "1"
+            raise BadInputError(f"--{name}: must be at least {bound}, got {value}")
+
+
+def _run_demo_data(args: argparse.Namespace) -> int:
+    from components.demo_data import write_demo_data
+
+    _check_positive(args, "num", "span", "shards")
+    result = write_demo_data(
+        _data_root_from_args(args),
+        num=args.num,
+        seed=args.seed,
+        span=args.span,
+        num_shards=args.shards,
+        compress=not args.no_compress,
+    )
+    fg = result["foreground_fraction"]
+    print(
+        f"wrote {result['count']} demo examples (seed {result['seed']}) to {result['path']}; "
+        f"foreground fraction min {fg['min']:.3f} mean {fg['mean']:.3f} max {fg['max']:.3f}"
+    )
+    return EXIT_OK
+
+
+def _finish_import(report, skip_bad: bool) -> int:
+    print(report.summary())
+    if report.skipped and not skip_bad:
+        raise BadInputError(
+            f"{len(report.skipped)} input(s) skipped (each logged above); the rest were imported. "
+            "Pass --skip-bad to accept skipped inputs with exit code 0"
+        )
+    return EXIT_OK
+
+
+def _run_import_oxford(args: argparse.Namespace) -> int:
+    from components.importers import import_oxford_pets
+
+    _check_positive(args, "span", "shards")
+    report = import_oxford_pets(
+        args.dir,
+        _data_root_from_args(args),
+        span=args.span,
+        border=args.border,
+        num_shards=args.shards,
+        compress=not args.no_compress,
+    )
+    return _finish_import(report, args.skip_bad)
+
+
+def _run_import_folders(args: argparse.Namespace) -> int:
+    from components.importers import import_folders
+
+    _check_positive(args, "span", "shards")
+    report = import_folders(
+        args.images,
+        args.masks,
+        _data_root_from_args(args),
+        span=args.span,
+        labels_path=args.labels,
+        num_shards=args.shards,
+        compress=not args.no_compress,
+    )
+    return _finish_import(report, args.skip_bad)
+
+
+def _add_output_options(p: argparse.ArgumentParser, shards_default: int | None) -> None:
+    p.add_argument("--out", metavar="DATA_ROOT", help="data root that gets span-N/ (default: data.root, <root>/data)")
+    p.add_argument("--span", type=int, help="span number N (default: one past the latest span, 1 if none)")
+    p.add_argument("--shards", type=int, default=shards_default, help="number of TFRecord shards"
+                   + ("" if shards_default else " (default: one per 500 examples)"))
+    p.add_argument("--no-compress", action="store_true", help="write plain .tfrecord instead of GZIP .tfrecord.gz")
+    add_config_options(p)
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo-data", help="write deterministic synthetic segmentation data as a new span")
+    p.add_argument("--num", type=int, default=1000, help="number of examples (default 1000)")
+    p.add_argument("--seed", type=int, help="random seed (default: the span number); same seed, same bytes")
+    _add_output_options(p, None)
+    p.set_defaults(handler=_run_demo_data)
+
+    imp = sub.add_parser("import", help="import a labelled image dataset as a new span")
+    imp_sub = imp.add_subparsers(dest="source", metavar="SOURCE", required=True)
+    p = imp_sub.add_parser("oxford-pets", help="Oxford-IIIT Pet: DIR/images/*.jpg + DIR/annotations/trimaps/*.png")
+    p.add_argument("dir", metavar="DIR", help="the extracted dataset (holding images/ and annotations/)")
+    p.add_argument(
+        "--border",
+        choices=("foreground", "background", "ignore"),
+        default="foreground",
+        help="class of trimap border pixels (default foreground; ignore = 255, excluded from loss and metrics)",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad inputs were skipped")
+    _add_output_options(p, 1)
+    p.set_defaults(handler=_run_import_oxford)
+
+    p = imp_sub.add_parser("folders", help="images and masks in two folders, paired by file stem")
+    p.add_argument("--images", required=True, metavar="DIR", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--masks", required=True, metavar="DIR", help="mask files (PNG etc.: class ids, or binary 0/255)")
+    p.add_argument("--labels", metavar="JSON", help="labels.json (class id -> name); default: ids found in the masks")
+    p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad inputs were skipped")
+    _add_output_options(p, 1)
+    p.set_defaults(handler=_run_import_folders)
+
+
+# ------------------------------------------------------------------ pipeline: run, runs, lineage, gc, kubeflow
+
+_RUN_FLAGS = {  # `segpipe run` flag -> run parameter (pipeline.pipeline.RUN_PARAMETERS)
+    "data": "input_pattern", "span": "span", "threshold": "pixel_accuracy_threshold",
+    "epochs": "epochs", "image_size": "image_size",
+}
+
+
+def _pipeline_config(args: argparse.Namespace) -> SegpipeConfig:
+    """Config layers plus the run flags (the same run parameters Kubeflow exposes)."""
+    from pipeline.config import with_overrides
+    from pipeline.pipeline import RUN_PARAMETERS
+
+    cfg = config_from_args(args)
+    overrides = {RUN_PARAMETERS[param][0]: getattr(args, flag)
+                 for flag, param in _RUN_FLAGS.items() if getattr(args, flag, None) is not None}
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def _run_pipeline_cmd(args: argparse.Namespace) -> int:
+    from components.errors import NotBlessedError
+    from pipeline.local_runner import absolute_root, ensure_demo_data, run_pipeline
+
+    cfg = absolute_root(_pipeline_config(args))
+    demo = ensure_demo_data(cfg, num=args.demo_size)
+    if demo:
+        print(f"generated the demo dataset ({args.demo_size} images) at {demo}")
+    result = run_pipeline(cfg, no_cache=args.no_cache, force=args.force, progress=print)
+    print(f"run {result.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
+    if result.report_path:
+        print(f"report: {result.report_path}")
+    if result.pushed_path:
+        print(f"pushed model: {result.pushed_path}")
+    if result.status == "not_blessed":
+        raise NotBlessedError(f"run {result.run_id}: {result.message}")
+    return result.exit_code
+
+
+def _run_runs_cmd(args: argparse.Namespace) -> int:
+    import time
+
+    from pipeline.metadata import Metadata
+
+    runs = Metadata.from_config(config_from_args(args)).list_runs()[: args.limit]
+    if not runs:
+        print("no runs recorded")
+        return EXIT_OK
+    print(f"{'run':32}  {'started':19}  {'status':12}  {'secs':>6}  {'blessed':7}  {'pix_acc':>7}  {'fg_iou':>7}  version")
+    for run in runs:
+        import json
+
+        metrics = json.loads(run["metrics"]) if isinstance(run.get("metrics"), str) else {}
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run.get("started", 0)))
+        blessed = {True: "yes", False: "no"}.get(run.get("blessed"), "-")
+        print(f"{run['run_id']:32}  {started:19}  {run.get('status', '?'):12}  {run.get('duration', 0):6.0f}  "
+              f"{blessed:7}  {_fmt_metric(metrics.get('pixel_accuracy')):>7}  "
+              f"{_fmt_metric(metrics.get('foreground_iou')):>7}  {run.get('version', '-')}")
+    return EXIT_OK
+
+
+def _run_lineage_cmd(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.metadata import Metadata
+
+    meta = Metadata.from_config(config_from_args(args))
+    artifact = meta.find_artifact(args.artifact)
+    if artifact is None:
+        raise BadInputError(f"{args.artifact}: no such artifact id or path in ML Metadata")
+    for row in meta.lineage(artifact.id):
+        indent = "  " * row["depth"]
+        if row["repeat"]:
+            print(f"{indent}{row['type']} #{row['artifact_id']} {row['uri']} (see above)")
+            continue
+        producer = row["producer"]
+        made = (f"<- {producer['node']} (execution {producer['execution_id']}, run {producer['run_id']})"
+                if producer else "<- (external)")
+        print(f"{indent}{row['type']} #{row['artifact_id']} {row['uri']} [{row['state']}] {made}")
+        if producer and producer["node"] == "example_gen":
+            params = json.loads(producer["parameters"] or "{}")
+            spans = (json.loads(producer["result"] or "{}") or {}).get("spans")
+            print(f"{indent}  data: {params.get('input_pattern')} spans {spans}")
+    return EXIT_OK
+
+
+def _run_gc_cmd(args: argparse.Namespace) -> int:
+    from pipeline.local_runner import collect_garbage
+
+    result = collect_garbage(config_from_args(args), keep=args.keep)
+    for path in result.removed:
+        print(f"removed {path}")
+    print(f"freed {result.freed_bytes} bytes ({result.freed_bytes / 2**20:.1f} MiB) in {len(result.removed)} artifact(s)")
+    return EXIT_OK
+
+
+def _run_compile_cmd(args: argparse.Namespace) -> int:
+    from pipeline.kubeflow import compile_pipeline
+
+    out = compile_pipeline(config_from_args(args), args.out, image=args.image)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _kfp_arguments(args: argparse.Namespace) -> dict[str, object]:
+    from pipeline.pipeline import RUN_PARAMETERS
+
+    values = dict(parse_override(item) for item in args.params)
+    for name in values:
+        if name not in RUN_PARAMETERS and name != "profile":
+            raise BadInputError(f"--param {name}: not a pipeline parameter ({', '.join(['profile', *RUN_PARAMETERS])})")
+    return values
+
+
+def _run_submit_cmd(args: argparse.Namespace, schedule: bool = False) -> int:
+    import tempfile
+
+    from pipeline import kubeflow
+
+    cfg = config_from_args(args)
+    arguments = _kfp_arguments(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        package = args.package or kubeflow.compile_pipeline(cfg, f"{tmp}/pipeline.yaml", image=args.image)
+        try:
+            client = kubeflow.kfp_client(args.host, args.namespace)
+            if schedule:
+                experiment = client.create_experiment(args.experiment, namespace=args.namespace)
+                made = client.create_recurring_run(
+                    experiment_id=experiment.experiment_id, job_name=args.name or f"{cfg.pipeline_name}-retrain",
+                    cron_expression=kubeflow.normalize_cron(args.cron), pipeline_package_path=package,
+                    params=arguments, enable_caching=True,
+                )
+                print(f"scheduled recurring run {made.recurring_run_id} ({args.cron}) on {args.host}")
+            else:
+                made = client.create_run_from_pipeline_package(
+                    package, arguments=arguments, run_name=args.name, experiment_name=args.experiment,
+                    namespace=args.namespace, enable_caching=True,
+                )
+                print(f"submitted run {made.run_id} to {args.host}")
+        except (BadInputError, ConfigError):
+            raise
+        except Exception as exc:  # any client/transport error becomes one line, exit 2
+            raise BadInputError(kubeflow.describe_api_error(args.host, exc)) from None
+    return EXIT_OK
+
+
+def _add_kfp_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
+    p.add_argument("--experiment", default="segpipe", help="experiment name (default segpipe)")
+    p.add_argument("--name", help="run / recurring run name")
+    p.add_argument("--package", metavar="YAML", help="a compiled pipeline (default: compile from the config now)")
+    p.add_argument("--image", help="container image (default kubeflow.image)")
+    p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
+                   help="pipeline parameter, e.g. --param span=3 (repeatable)")
+
+
+def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run the whole pipeline here (demo data when none is configured)")
+    add_config_options(p)
+    p.add_argument("--data", metavar="PATTERN", help="input pattern with {SPAN}, relative to data.root or absolute")
+    p.add_argument("--span", type=int, help="the latest span to read (default: the newest)")
+    p.add_argument("--threshold", type=float, help="evaluation.pixel_accuracy_threshold for the gate")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--image-size", type=int, help="transform.image_size")
+    p.add_argument("--no-cache", action="store_true", help="rerun every step even when a cached result matches")
+    p.add_argument("--force", action="store_true", help="train even when no span is newer than the serving model's")
+    p.add_argument("--demo-size", type=int, default=1000, help="images in the generated demo span (default 1000)")
+    p.set_defaults(handler=_run_pipeline_cmd)
+
+    p = sub.add_parser("runs", help="list recorded runs with status, metrics and blessing")
+    add_config_options(p)
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(handler=_run_runs_cmd)
+
+    p = sub.add_parser("lineage", help="what produced an artifact, and from which data")
+    add_config_options(p)
+    p.add_argument("artifact", metavar="ARTIFACT", help="artifact id or a path inside an artifact")
+    p.set_defaults(handler=_run_lineage_cmd)
+
+    p = sub.add_parser("gc", help="remove artifacts no pushed version and none of the last N runs need")
+    add_config_options(p)
+    p.add_argument("--keep", type=int, default=5, help="runs whose artifacts stay (default 5)")
+    p.set_defaults(handler=_run_gc_cmd)
+
+    p = sub.add_parser("compile", help="compile the pipeline to Kubeflow Pipelines v2 YAML")
+    add_config_options(p)
+    p.add_argument("--out", default="pipeline.yaml", help="output YAML (default pipeline.yaml)")
+    p.add_argument("--image", help="container image (default kubeflow.image)")
+    p.set_defaults(handler=_run_compile_cmd)
+
+    p = sub.add_parser("submit", help="create a run on a Kubeflow Pipelines deployment")
+    add_config_options(p)
+    _add_kfp_client_options(p)
+    p.set_defaults(handler=_run_submit_cmd)
+
+    p = sub.add_parser("schedule", help="create a recurring (retraining) run on Kubeflow Pipelines")
+    add_config_options(p)
+    _add_kfp_client_options(p)
+    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (5 or 6 fields)')
+    p.set_defaults(handler=lambda args: _run_submit_cmd(args, schedule=True))
+
+
+# ------------------------------------------------------------------ schema: infer
+
+
+def _run_schema_infer(args: argparse.Namespace) -> int:
+    from components.schema_gen import infer_schema_draft
+
+    result = infer_schema_draft(args.stats, args.out)
+    print(f"wrote a draft schema with features {', '.join(result['features'])} to {result['path']}")
+    print("review it, then set validation.schema_path to use it")
+    return EXIT_OK
+
+
+def _add_schema_commands(sub: argparse._SubParsersAction) -> None:
+    schema = sub.add_parser("schema", help="draft a schema from statistics (the curated one is schemas/schema.pbtxt)")
+    schema_sub = schema.add_subparsers(dest="schema_command", metavar="SUBCOMMAND", required=True)
+    p = schema_sub.add_parser("infer", help="write a draft schema inferred by TFDV from statistics")
+    p.add_argument("--stats", required=True, help="a stats.pb file or a Statistics artifact folder (its train split)")
+    p.add_argument("--out", required=True, help="where to write the draft schema text proto (atomically)")
+    p.set_defaults(handler=_run_schema_infer)
+
+
 # ------------------------------------------------------------------ registration
 
 # Each capability appends its own registrar here.
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config_commands,
+    _add_data_commands,
+    _add_serving_commands,
+    _add_pipeline_commands,
+    _add_schema_commands,
 ]
 
 

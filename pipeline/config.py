@@ -84,6 +84,7 @@ class TrainConfig:
     augment_zoom: float = field(metadata=_rng(0.0, 0.9))
     mixed_precision: str = field(metadata=_rng(choices=("auto", "on", "off")))
     jit_compile: bool
+    distribution: str = field(metadata=_rng(choices=("auto", "multi_worker")))
     warm_start: bool
     seed: int = field(metadata=_rng(0))
 

@@ -1,0 +1,252 @@
+"""Trainer benchmarks, side by side in one run.
+
+1. Input pipeline: training images/s of the trainer's tf.data (transformed GZIP TFRecords, streamed)
+   vs the same model fitted on the same images held in numpy arrays (the tutorial's way), same
+   steps, same process. Goal: ratio >= 0.95.
+2. Peak memory (max RSS, one subprocess each) of the trainer's input path training on N vs 10N
+   images; goal <= 1.2. The numpy way is measured beside it for contrast.
+3. `--gpu`: the seed model (128 px, 64 filters, depth 4) training throughput under mixed_float16
+   and the fraction of the GPU's peak FLOP rate, counting 3x the analytic forward FLOPs per step.
+   Needs only Keras 3 (any backend): on a machine without TensorFlow run it with
+   KERAS_BACKEND=jax or torch.
+
+    python benchmarks/bench_trainer.py [--json out.json]
+    python benchmarks/bench_trainer.py --gpu --json gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger("bench_trainer")
+
+H100_SXM_DENSE_FP16_TFLOPS = 989.4  # NVIDIA datasheet, dense (no sparsity)
+
+
+# ---------------------------------------------------------------- data
+
+
+def make_data(num: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Dark noise with one bright square per image; the square is the foreground."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.35, (num, size, size, 3)).astype(np.float32)
+    masks = np.zeros((num, size, size), np.int64)
+    for i in range(num):
+        side = int(rng.integers(size // 4, size // 2))
+        y, x = rng.integers(0, size - side, 2)
+        images[i, y : y + side, x : x + side] += 0.6
+        masks[i, y : y + side, x : x + side] = 1
+    return images, masks
+
+
+def write_records(folder: Path, images: np.ndarray, masks: np.ndarray, shards: int = 4) -> list[str]:
+    """Transformed-examples shards exactly as Transform writes them."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(folder / f"data-{i:05d}-of-{shards:05d}.tfrecord.gz") for i in range(shards)]
+    writers = [tf.io.TFRecordWriter(p, "GZIP") for p in paths]
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        feature = {
+            "image": tf.train.Feature(float_list=tf.train.FloatList(value=image.ravel())),
+            "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=mask.ravel())),
+            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(i).encode()])),
+        }
+        writers[i % shards].write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    for writer in writers:
+        writer.close()
+    return paths
+
+
+def compiled_model(size: int, base_filters: int, depth: int, batch_norm: bool, jit: bool = False):
+    import keras
+
+    from components.model import build_unet, get_loss, segmentation_metrics
+
+    keras.utils.set_random_seed(0)
+    model = build_unet((size, size, 3), 1, base_filters=base_filters, depth=depth, batch_norm=batch_norm)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=get_loss("bce"), metrics=segmentation_metrics(2),
+                  jit_compile=jit)
+    return model
+
+
+# ---------------------------------------------------------------- 1. input pipeline ratio
+
+
+def timed_fit(model, data, epochs: int, **kwargs) -> float:
+    model.fit(data, epochs=1, verbose=0, **kwargs)  # warm-up: tracing, first pass over the files
+    start = time.perf_counter()
+    model.fit(data, epochs=epochs, verbose=0, **kwargs)
+    return time.perf_counter() - start
+
+
+def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict:
+    from components.trainer import make_dataset
+
+    images, masks = make_data(args.images, args.size)
+    files = write_records(workdir / "pipeline", images, masks)
+    masks32 = masks.astype(np.int32)
+    rates: dict[str, list[float]] = {"tfdata": [], "numpy": []}
+    for _ in range(args.repeats):  # alternate to share any machine-load drift
+        model = compiled_model(args.size, args.base_filters, args.depth, True)
+        seconds = timed_fit(model, images, args.epochs, y=masks32, batch_size=args.batch_size, shuffle=True)
+        rates["numpy"].append(args.images * args.epochs / seconds)
+        model = compiled_model(args.size, args.base_filters, args.depth, True)
+        dataset = make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True, shuffle_buffer=256)
+        rates["tfdata"].append(args.images * args.epochs / timed_fit(model, dataset, args.epochs))
+    best = {k: max(v) for k, v in rates.items()}
+    return {
+        "images": args.images, "size": args.size, "epochs_timed": args.epochs, "batch_size": args.batch_size,
+        "tfdata_images_per_s": round(best["tfdata"], 1), "numpy_images_per_s": round(best["numpy"], 1),
+        "ratio": round(best["tfdata"] / best["numpy"], 3), "runs": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+    }
+
+
+# ---------------------------------------------------------------- 2. peak memory
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    """Train one epoch from `--files-dir` (tfdata) or from arrays loaded whole (numpy); print max RSS."""
+    model = compiled_model(args.size, args.base_filters, args.depth, True)
+    files = sorted(str(p) for p in Path(args.files_dir).glob("data-*.tfrecord.gz"))
+    if args.memory_child == "tfdata":
+        from components.trainer import make_dataset
+
+        model.fit(make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True), epochs=1, verbose=0)
+    else:  # the tutorial's way: every image in memory first
+        from components.trainer import make_dataset
+
+        pairs = list(make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=False))
+        images = np.concatenate([p[0].numpy() for p in pairs])
+        masks = np.concatenate([p[1].numpy() for p in pairs])
+        model.fit(images, masks, batch_size=args.batch_size, epochs=1, verbose=0)
+    print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_memory_child(args: argparse.Namespace, mode: str, files_dir: Path) -> float:
+    command = [sys.executable, __file__, "--memory-child", mode, "--files-dir", str(files_dir),
+               "--size", str(args.size), "--base-filters", str(args.base_filters), "--depth", str(args.depth),
+               "--batch-size", str(args.batch_size)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["max_rss_mb"])
+
+
+def bench_memory(args: argparse.Namespace, workdir: Path) -> dict:
+    result: dict = {"n": args.memory_n, "size": args.size}
+    dirs = {}
+    for factor in (1, 10):
+        images, masks = make_data(args.memory_n * factor, args.size, seed=factor)
+        dirs[factor] = workdir / f"memory_{factor}"
+        write_records(dirs[factor], images, masks)
+        del images, masks
+    for mode in ("tfdata", "numpy"):
+        small, large = (run_memory_child(args, mode, dirs[f]) for f in (1, 10))
+        result[mode] = {"peak_mb_n": round(small, 1), "peak_mb_10n": round(large, 1), "ratio": round(large / small, 3)}
+    return result
+
+
+# ---------------------------------------------------------------- 3. GPU throughput
+
+
+def forward_flops(model) -> float:
+    """2 * multiply-adds of every convolution (the U-Net's cost; pooling/activations are noise)."""
+    total = 0.0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind not in ("Conv2D", "Conv2DTranspose"):
+            continue
+        kh, kw, cin, cout = layer.kernel.shape if kind == "Conv2D" else (*layer.kernel.shape[:2], layer.kernel.shape[3], layer.kernel.shape[2])
+        h, w = (layer.output.shape[1:3] if kind == "Conv2D" else layer.input.shape[1:3])
+        total += 2.0 * h * w * kh * kw * cin * cout
+    return total
+
+
+def bench_gpu(args: argparse.Namespace) -> dict:
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    results = {"backend": keras.backend.backend(), "policy": "mixed_float16", "peak_tflops": args.peak_tflops, "runs": []}
+    for batch in args.gpu_batches:
+        model = compiled_model(128, 64, 4, False, jit=True if keras.backend.backend() != "torch" else False)
+        flops = forward_flops(model)
+        images, masks = make_data(batch * args.gpu_steps, 128)
+        seconds = timed_fit(model, images, args.epochs, y=masks.astype(np.int32), batch_size=batch, shuffle=False)
+        rate = batch * args.gpu_steps * args.epochs / seconds
+        achieved = rate * 3 * flops / 1e12
+        results["forward_gflops_per_image"] = round(flops / 1e9, 2)
+        results["runs"].append({"batch": batch, "images_per_s": round(rate, 1), "train_tflops": round(achieved, 1),
+                                "fraction_of_peak": round(achieved / args.peak_tflops, 4)})
+        log.info("batch %d: %.1f images/s, %.1f TFLOP/s", batch, rate, achieved)
+    return results
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--images", type=int, default=256, help="images for the pipeline ratio")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--base-filters", type=int, default=16)  # the demo profile's model
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-n", type=int, default=64)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="seed-model GPU throughput instead of the CPU benchmarks")
+    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--gpu-steps", type=int, default=24, help="steps per timed epoch")
+    parser.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_FP16_TFLOPS)
+    parser.add_argument("--memory-child", choices=("tfdata", "numpy"), help=argparse.SUPPRESS)
+    parser.add_argument("--files-dir", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    if args.memory_child:
+        memory_child(args)
+        return 0
+    if args.gpu:
+        results = {"gpu": bench_gpu(args)}
+        rows = [f"batch {r['batch']:>3}: {r['images_per_s']:>8.1f} images/s  {r['train_tflops']:>6.1f} TFLOP/s  "
+                f"{100 * r['fraction_of_peak']:.1f}% of {args.peak_tflops:.0f}" for r in results["gpu"]["runs"]]
+        print(f"seed U-Net, {results['gpu']['backend']} backend, mixed_float16, "
+              f"{results['gpu']['forward_gflops_per_image']} GFLOPs forward/image\n" + "\n".join(rows))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = {"pipeline": bench_pipeline(args, Path(tmp))}
+            if not args.skip_memory:
+                results["memory"] = bench_memory(args, Path(tmp))
+        p = results["pipeline"]
+        print(f"{'measure':<34}{'trainer tf.data':>18}{'numpy (tutorial)':>18}{'ratio':>8}  goal")
+        print(f"{'train images/s':<34}{p['tfdata_images_per_s']:>18}{p['numpy_images_per_s']:>18}{p['ratio']:>8}  >= 0.95")
+        if "memory" in results:
+            m = results["memory"]
+            for mode in ("tfdata", "numpy"):
+                label = f"peak RSS MB {mode}: N={m['n']} vs 10N"
+                print(f"{label:<34}{m[mode]['peak_mb_n']:>18}{m[mode]['peak_mb_10n']:>18}"
+                      f"{m[mode]['ratio']:>8}  {'<= 1.2' if mode == 'tfdata' else '(contrast)'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""Transform throughput: TFT on the configured Beam runner vs a plain tf.data pipeline, same images.
+
+Both sides read the same Examples artifact (GZIP TFRecords of demo PNGs, 90% train / 10% eval),
+decode, resize (bilinear, antialias) to `--size`, scale by 1/255, serialize tf.train.Example
+(`image` float list, `mask` int64 list, `id`) and write GZIP TFRecords. The tf.data baseline is
+made strong on purpose: all per-image work, including the tf.Example encoding (`tf.io.encode_proto`),
+runs in TF with `num_parallel_calls=AUTOTUNE`; a Python-built tf.Example alone costs ~70 ms here.
+TFT's wall time includes everything `run_transform` does (pipeline construction, analysis, the
+transform graph export, atomic publishing). Peak memory of Transform at N and 10N runs each size in
+its own subprocess (the larger sets repeat the generated images under new ids).
+
+    python benchmarks/bench_transform.py --num 2000 --size 128 --json bench_transform.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from components import artifacts  # noqa: E402
+
+log = logging.getLogger("bench_transform")
+SCHEMA_TEXT = "".join(f'feature {{ name: "{key}" type: BYTES }}\n' for key in ("image", "mask", "id"))
+EVAL_EVERY = 10  # every 10th example goes to eval, the rest to train
+SHARD_SIZE = 250
+
+
+def iter_demo_records(num: int, pool: int, seed: int = 0) -> Iterator[bytes]:
+    """`num` raw examples; only `pool` distinct demo images are generated, then reused under new ids."""
+    from components.data_format import encode_example, encode_png
+    from components.demo_data import iter_demo_examples
+
+    encoded = [(encode_png(image), encode_png(mask)) for _, image, mask in iter_demo_examples(min(num, pool), seed)]
+    for index in range(num):
+        image_png, mask_png = encoded[index % len(encoded)]
+        yield encode_example(f"bench-{index:06d}", image_png, mask_png)
+
+
+def write_examples_artifact(examples_uri: Path, num: int, pool: int) -> dict[str, int]:
+    """An Examples artifact (train/eval shards) plus its Schema artifact beside it."""
+    import tensorflow as tf
+
+    counts = {artifacts.TRAIN: 0, artifacts.EVAL: 0}
+    writers: dict[tuple[str, int], Any] = {}
+    for index, record in enumerate(iter_demo_records(num, pool)):
+        split = artifacts.EVAL if index % EVAL_EVERY == EVAL_EVERY - 1 else artifacts.TRAIN
+        shard = counts[split] // SHARD_SIZE
+        if (split, shard) not in writers:
+            folder = artifacts.split_dir(examples_uri, split)
+            folder.mkdir(parents=True, exist_ok=True)
+            writers[(split, shard)] = tf.io.TFRecordWriter(str(folder / f"data-{shard:05d}.tfrecord.gz"), "GZIP")
+        writers[(split, shard)].write(record)
+        counts[split] += 1
+    for writer in writers.values():
+        writer.close()
+    schema_uri = examples_uri.parent / "schema"
+    schema_uri.mkdir(exist_ok=True)
+    (schema_uri / artifacts.SCHEMA_FILE).write_text(SCHEMA_TEXT)
+    return counts
+
+
+def encode_example_tf(image: Any, mask: Any, example_id: Any) -> Any:
+    """tf.train.Example{image float list, mask int64 list, id bytes} serialized inside the TF graph."""
+    import tensorflow as tf
+
+    def encode(message: str, fields: dict[str, Any]) -> Any:
+        values = [v[tf.newaxis] for v in fields.values()]  # encode_proto wants a batch dimension
+        sizes = tf.stack([tf.shape(v)[1] for v in values])[tf.newaxis]
+        return tf.io.encode_proto(sizes, values, list(fields), f"tensorflow.{message}")[0]
+
+    def feature(kind: str, values: Any) -> Any:
+        list_proto = encode(f"{kind.title()}List", {"value": tf.reshape(values, [-1])})
+        return encode("Feature", {f"{kind}_list": list_proto[tf.newaxis]})
+
+    features = {
+        artifacts.IMAGE_KEY: feature("float", image),
+        artifacts.MASK_KEY: feature("int64", mask),
+        artifacts.ID_KEY: feature("bytes", example_id),
+    }
+    entries = tf.stack(
+        [encode("Features.FeatureEntry", {"key": tf.constant([key]), "value": value[tf.newaxis]}) for key, value in features.items()]
+    )
+    return encode("Example", {"features": encode("Features", {"feature": entries})[tf.newaxis]})
+
+
+def run_tf_data(examples_uri: Path, out_dir: Path, size: int) -> int:
+    """Plain tf.data: read, parse, decode, resize, / 255, encode tf.Example, write GZIP TFRecords."""
+    import tensorflow as tf
+
+    spec = {key: tf.io.FixedLenFeature([], tf.string) for key in (artifacts.IMAGE_KEY, artifacts.MASK_KEY, artifacts.ID_KEY)}
+
+    def transform(serialized: Any) -> Any:
+        raw = tf.io.parse_single_example(serialized, spec)
+        image = tf.io.decode_image(raw[artifacts.IMAGE_KEY], channels=3, expand_animations=False)
+        image = tf.image.resize(image, [size, size], method="bilinear", antialias=True) / 255.0
+        mask = tf.io.decode_image(raw[artifacts.MASK_KEY], channels=1, expand_animations=False)
+        mask = tf.cast(tf.image.resize(mask, [size, size], method="nearest"), tf.int64)
+        return encode_example_tf(image, mask, raw[artifacts.ID_KEY])
+
+    count = 0
+    for split in (artifacts.TRAIN, artifacts.EVAL):
+        files = artifacts.split_files(examples_uri, split)
+        dataset = (
+            tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
+            .map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        folder = out_dir / f"Split-{split}"
+        folder.mkdir(parents=True)
+        with tf.io.TFRecordWriter(str(folder / "data-00000-of-00001.tfrecord.gz"), "GZIP") as writer:
+            for record in dataset:
+                writer.write(record.numpy())
+                count += 1
+    return count
+
+
+def check_same_output(tft_uri: Path, tfdata_uri: Path, graph_uri: Path) -> float:
+    """Max |difference| of the first train image between the two outputs (they must agree)."""
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    spec = tft.TFTransformOutput(str(graph_uri)).transformed_feature_spec()
+
+    def first_by_id(uri: Path) -> dict[bytes, Any]:
+        files = sorted(str(p) for p in artifacts.split_dir(uri, artifacts.TRAIN).glob("*.tfrecord.gz"))
+        out = {}
+        for record in tf.data.TFRecordDataset(files, compression_type="GZIP").take(50):
+            parsed = tf.io.parse_single_example(record, spec)
+            out[parsed["id"].numpy()] = (parsed["image"].numpy(), parsed["mask"].numpy())
+        return out
+
+    a, b = first_by_id(tft_uri), first_by_id(tfdata_uri)
+    common = sorted(set(a) & set(b))
+    if not common:
+        return float("nan")
+    diffs = [float(np.abs(a[k][0] - b[k][0]).max()) for k in common]
+    if any(not np.array_equal(a[k][1], b[k][1]) for k in common):
+        raise AssertionError("masks differ between TFT and tf.data outputs")
+    return max(diffs)
+
+
+def time_tft(examples_uri: Path, out_root: Path, size: int, standardize: bool, beam_args: list[str]) -> tuple[float, dict]:
+    from components.transform import run_transform
+
+    start = time.perf_counter()
+    result = run_transform(
+        str(examples_uri),
+        str(examples_uri.parent / "schema"),
+        str(out_root / "transformed"),
+        str(out_root / "graph"),
+        image_size=size,
+        standardize=standardize,
+        num_classes=2,
+        beam_args=beam_args,
+    )
+    return time.perf_counter() - start, result
+
+
+def child_memory(args: argparse.Namespace) -> None:
+    """Subprocess body: run Transform only, print its peak RSS (and that of runner workers)."""
+    work = Path(args.child_workdir)
+    seconds, result = time_tft(work / "examples", work / "out", args.size, False, args.beam_args)
+    payload = {
+        "num": sum(result["counts"].values()),
+        "seconds": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_workers_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+    print("MEMORY_JSON " + json.dumps(payload), flush=True)
+
+
+def measure_memory(num: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """Peak RSS of a fresh process that runs only Transform over `num` examples."""
+    folder = workdir / f"memory-{num}"
+    write_examples_artifact(folder / "examples", num, args.pool)
+    command = [
+        sys.executable, __file__, "--size", str(args.size), "--child-num", str(num),
+        "--child-workdir", str(folder), f"--beam-args={shlex.join(args.beam_args)}",
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("MEMORY_JSON ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"memory run for {num} images failed:\n{proc.stderr[-3000:]}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=2000, help="demo images (train + eval)")
+    parser.add_argument("--size", type=int, default=128, help="transform.image_size")
+    parser.add_argument("--pool", type=int, default=2000, help="distinct demo images generated (reused beyond)")
+    parser.add_argument("--beam-args", type=shlex.split, default=["--runner=FnApiRunner"],
+                        help='Beam args for TFT, one string: --beam-args="--runner=FnApiRunner"')
+    parser.add_argument("--multiprocessing-workers", type=int, default=0,
+                        help="also time FnApiRunner multi_processing with this many workers (0 = skip)")
+    parser.add_argument("--memory-num", type=int, default=0, help="peak memory at this N and 10N (0 = skip)")
+    parser.add_argument("--repeats", type=int, default=1, help="take the best of this many timings per variant")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--workdir", help="keep the data here (default: a temp dir, removed)")
+    parser.add_argument("--child-num", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.child_num:
+        child_memory(args)
+        return 0
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_transform-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_benchmark(args, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def best_of(repeats: int, fn: Any) -> float:
+    return min(fn(i) for i in range(repeats))
+
+
+def run_benchmark(args: argparse.Namespace, workdir: Path) -> int:
+    examples = workdir / "examples"
+    start = time.perf_counter()
+    if artifacts.split_dir(examples, artifacts.TRAIN).exists():  # a kept --workdir: reuse its data
+        print(f"reusing the demo examples in {examples}")
+    else:
+        counts = write_examples_artifact(examples, args.num, args.pool)
+        print(f"wrote {sum(counts.values())} demo examples {counts} in {time.perf_counter() - start:.1f}s")
+
+    def tfdata(i: int) -> float:
+        out = workdir / f"tfdata-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        begin = time.perf_counter()
+        written = run_tf_data(examples, out, args.size)
+        seconds = time.perf_counter() - begin
+        assert written == args.num, (written, args.num)
+        return seconds
+
+    def tft_variant(name: str, standardize: bool, beam_args: list[str]) -> Any:
+        def timed(i: int) -> float:
+            out = workdir / f"{name}-{i}"
+            seconds, result = time_tft(examples, out, args.size, standardize, beam_args)
+            assert sum(result["counts"].values()) == args.num, result
+            return seconds
+
+        return timed
+
+    variants = {"tft": (False, args.beam_args), "tft_standardized": (True, args.beam_args)}
+    if args.multiprocessing_workers:
+        mp_args = [*args.beam_args, "--direct_running_mode=multi_processing",
+                   f"--direct_num_workers={args.multiprocessing_workers}"]  # fmt: skip
+        variants["tft_multi_processing"] = (False, mp_args)
+    seconds = {"tf_data": best_of(args.repeats, tfdata)}
+    for name, (standardize, beam_args) in variants.items():
+        seconds[name] = best_of(args.repeats, tft_variant(name, standardize, beam_args))
+    max_diff = check_same_output(workdir / "tft-0" / "transformed", workdir / "tfdata-0", workdir / "tft-0" / "graph")
+
+    rates = {name: args.num / value for name, value in seconds.items()}
+    results: dict[str, Any] = {
+        "num_images": args.num,
+        "image_size": args.size,
+        "beam_args": args.beam_args,
+        "seconds": seconds,
+        "images_per_second": rates,
+        "ratio_tft_vs_tf_data": rates["tft"] / rates["tf_data"],
+        "ratio_tft_standardized_vs_tf_data": rates["tft_standardized"] / rates["tf_data"],
+        "max_abs_diff_tft_vs_tf_data": max_diff,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    if args.multiprocessing_workers:
+        results["ratio_tft_multi_processing_vs_tf_data"] = rates["tft_multi_processing"] / rates["tf_data"]
+    for name, rate in rates.items():
+        print(f"{name:>22}: {rate:8.1f} images/s  ({seconds[name]:.1f} s for {args.num})")
+    print(f"{'ratio tft / tf.data':>22}: {results['ratio_tft_vs_tf_data']:.2f} (goal >= 0.5)")
+    print(f"{'standardized / tf.data':>22}: {results['ratio_tft_standardized_vs_tf_data']:.2f}")
+    print(f"{'max |tft - tf.data|':>22}: {max_diff:.2e}")
+
+    if args.memory_num:
+        memory = [measure_memory(n, args, workdir) for n in (args.memory_num, 10 * args.memory_num)]
+        results["memory"] = memory
+        for entry in memory:
+            print(
+                f"{'memory N=' + str(entry['num']):>22}: peak RSS {entry['peak_rss_mib']:.0f} MiB "
+                f"(runner workers {entry['peak_rss_workers_mib']:.0f} MiB, {entry['seconds']:.1f} s)"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Pusher: ship a blessed model into a versioned TensorFlow Serving directory, atomically.
+
+Layout: `<serving_dir>/<version>/` is the SavedModel (TensorFlow Serving loads the highest numeric
+folder), with `model.keras` (warm starts) and `segpipe.json` (metrics, spans, run id, code version)
+inside it. A version is copied to a hidden temporary folder and renamed into place, so TensorFlow
+Serving and `latest_blessed_model` never see half a model; hidden folders are not versions. The
+version number is chosen under an exclusive lock file, so two pushes never pick the same number,
+and an existing version is never overwritten. A model whose blessing is negative is not pushed and
+the serving directory is not touched at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+from components import artifacts
+from components.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".segpipe-push.lock"
+TMP_PREFIX = ".push-tmp-"
+TRASH_PREFIX = ".pruned-"
+SERVING_INFO_FILE = "segpipe.json"
+PUSH_RESULT_FILE = "pushed_model.json"
+SAVED_MODEL_PB = "saved_model.pb"
+
+
+# ------------------------------------------------------------------ reading the serving dir
+
+
+def list_version_numbers(serving_dir: str | os.PathLike) -> list[int]:
+    """Numeric version folders, ascending; hidden temp folders and files are ignored."""
+    root = Path(serving_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_blessed_model(serving_dir: str | os.PathLike) -> str | None:
+    """The highest version folder (only blessed models are ever pushed), or None."""
+    versions = list_version_numbers(serving_dir)
+    return str(Path(serving_dir) / str(versions[-1])) if versions else None
+
+
+def resolve_saved_model(path: str | os.PathLike) -> Path:
+    """A SavedModel folder from a Model artifact, a SavedModel folder or a serving dir (its latest).
+
+    Raises BadInputError naming the path when none of the three layouts is found.
+    """
+    path = Path(path)
+    if (path / artifacts.SAVED_MODEL_DIR / SAVED_MODEL_PB).is_file():
+        return path / artifacts.SAVED_MODEL_DIR
+    if (path / SAVED_MODEL_PB).is_file():
+        return path
+    latest = latest_blessed_model(path)
+    if latest is not None and (Path(latest) / SAVED_MODEL_PB).is_file():
+        return Path(latest)
+    raise BadInputError(
+        f"{path}: not a SavedModel folder, a Model artifact (with {artifacts.SAVED_MODEL_DIR}/) "
+        "or a serving directory with numeric version folders"
+    )
+
+
+def read_serving_info(version_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(version_dir) / SERVING_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def list_versions(serving_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One dict per version, ascending: version, path and its segpipe.json contents."""
+    out = []
+    for version in list_version_numbers(serving_dir):
+        folder = Path(serving_dir) / str(version)
+        out.append({"version": version, "path": str(folder), "info": read_serving_info(folder)})
+    return out
+
+
+# ------------------------------------------------------------------ writing a version
+
+
+@contextlib.contextmanager
+def lock_serving_dir(serving_dir: Path) -> Iterator[None]:
+    """Exclusive advisory lock held while a version number is chosen and filled."""
+    serving_dir.mkdir(parents=True, exist_ok=True)
+    with open(serving_dir / LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def remove_stale_temp_dirs(serving_dir: Path) -> list[str]:
+    """Delete leftovers of killed pushes; safe because callers hold the lock a live push holds."""
+    removed = []
+    for entry in serving_dir.iterdir():
+        if entry.is_dir() and entry.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        log.warning("removed leftovers of an interrupted push in %s: %s", serving_dir, ", ".join(removed))
+    return removed
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a folder (its own function so tests can interrupt a push midway)."""
+    shutil.copytree(src, dst)
+
+
+def write_version(
+    serving_dir: str | os.PathLike,
+    fill: Any,
+    *,
+    keep_last: int = 0,
+) -> tuple[int, Path]:
+    """Create the next version: `fill(tmp_dir, version)` writes it, then it is renamed into place.
+
+    Returns (version, final path). On any error the temporary folder is removed and no version
+    appears.
+    """
+    root = Path(serving_dir)
+    with lock_serving_dir(root):
+        remove_stale_temp_dirs(root)
+        existing = list_version_numbers(root)
+        version = (existing[-1] + 1) if existing else 1
+        final = root / str(version)
+        tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            fill(tmp, version)
+            if final.exists():  # only a writer ignoring the lock could cause this
+                raise FileExistsError(f"{final}: version already exists; refusing to overwrite")
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if keep_last > 0:
+            prune_versions(root, keep_last)
+    log.info("pushed version %d to %s", version, final)
+    return version, final
+
+
+def prune_versions(serving_dir: Path, keep_last: int) -> list[int]:
+    """Remove all but the newest `keep_last` versions (renamed hidden first, so never half-visible)."""
+    versions = list_version_numbers(serving_dir)
+    doomed = versions[:-keep_last] if keep_last else []
+    for version in doomed:
+        trash = serving_dir / f"{TRASH_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        os.rename(serving_dir / str(version), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        log.info("pruned versions %s from %s (keep_last=%d)", doomed, serving_dir, keep_last)
+    return doomed
+
+
+# ------------------------------------------------------------------ component
+
+
+def read_blessing(blessing_uri: str | os.PathLike) -> dict[str, Any]:
+    path = Path(blessing_uri) / artifacts.BLESSING_FILE
+    try:
+        blessing = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: blessing not found") from None
+    except ValueError as exc:
+        raise BadInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(blessing.get("blessed"), bool):
+        raise BadInputError(f"{path}: field 'blessed' must be true or false")
+    return blessing
+
+
+def read_evaluation_summary(evaluation_uri: str | os.PathLike | None) -> dict[str, Any]:
+    """Scalar metrics of the evaluation (for segpipe.json and `serving list`)."""
+    if evaluation_uri is None:
+        return {}
+    path = Path(evaluation_uri) / artifacts.EVALUATION_FILE
+    if not path.is_file():
+        raise BadInputError(f"{path}: evaluation metrics not found")
+    metrics = json.loads(path.read_text())
+    keys = ("pixel_accuracy", "all_background_accuracy", "mean_iou", "foreground_iou", "dice", "num_examples")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def push_model(
+    model_uri: str,
+    blessing_uri: str,
+    pushed_model_uri: str,
+    *,
+    serving_dir: str,
+    evaluation_uri: str | None = None,
+    keep_last: int = 0,
+    run_info: dict | None = None,
+) -> dict:
+    """Copy a blessed model to `<serving_dir>/<next version>/`; do nothing to serving_dir otherwise.
+
+    `run_info` (e.g. {"run_id": ..., "spans": [...]}) is recorded in the version's segpipe.json.
+    Returns {"pushed", "version", "path"}; the PushedModel artifact records the same.
+    """
+    blessing = read_blessing(blessing_uri)
+    result: dict[str, Any] = {"pushed": False, "version": None, "path": None}
+    if blessing["blessed"]:
+        source = Path(model_uri) / artifacts.SAVED_MODEL_DIR
+        if not (source / SAVED_MODEL_PB).is_file():
+            raise BadInputError(f"{source}: no SavedModel ({SAVED_MODEL_PB}) to push")
+        info = {
+            "source_model": str(model_uri),
+            "pushed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "metrics": read_evaluation_summary(evaluation_uri),
+            "spans": (run_info or {}).get("spans"),
+            "run_id": (run_info or {}).get("run_id"),
+            "run_info": dict(run_info or {}),
+            "code_version": artifacts.code_version(),
+        }
+
+        def fill(tmp: Path, version: int) -> None:
+            copy_tree(source, tmp)
+            keras_file = Path(model_uri) / artifacts.KERAS_MODEL_FILE
+            if keras_file.is_file():
+                shutil.copy2(keras_file, tmp / artifacts.KERAS_MODEL_FILE)
+            else:
+                log.warning("%s missing: version %d cannot seed warm starts", keras_file, version)
+            (tmp / SERVING_INFO_FILE).write_text(json.dumps({**info, "version": version}, indent=2, default=str))
+
+        version, final = write_version(serving_dir, fill, keep_last=keep_last)
+        result.update(pushed=True, version=version, path=str(final))
+    else:
+        log.warning("model %s is not blessed; serving dir %s left untouched", model_uri, serving_dir)
+    with artifacts.publish(
+        pushed_model_uri,
+        artifacts.PUSHED_MODEL,
+        producer="pusher",
+        parameters={"serving_dir": str(serving_dir), "keep_last": keep_last},
+        inputs=(model_uri, blessing_uri, evaluation_uri),
+    ) as (tmp_dir, meta):
+        record = {**result, "serving_dir": str(serving_dir), "reasons": blessing.get("reasons", [])}
+        (tmp_dir / PUSH_RESULT_FILE).write_text(json.dumps(record, indent=2))
+        meta["extra"].update(record)
+    return result
+
+
+def rollback(serving_dir: str | os.PathLike, version: int) -> dict:
+    """Re-push version `version` as a new highest version, so version numbers stay monotonic."""
+    source = Path(serving_dir) / str(version)
+    if not (source / SAVED_MODEL_PB).is_file():
+        available = ", ".join(map(str, list_version_numbers(serving_dir))) or "none"
+        raise BadInputError(f"{source}: no such version (available: {available})")
+    info = read_serving_info(source)
+
+    def fill(tmp: Path, new_version: int) -> None:
+        copy_tree(source, tmp)
+        record = {
+            **info,
+            "version": new_version,
+            "rolled_back_from": version,
+            "pushed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / SERVING_INFO_FILE).write_text(json.dumps(record, indent=2, default=str))
+
+    new_version, final = write_version(serving_dir, fill)
+    return {"pushed": True, "version": new_version, "path": str(final), "rolled_back_from": version}

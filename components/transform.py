@@ -1,0 +1,315 @@
+"""Transform: TensorFlow Transform on Beam turns raw examples into model-ready tensors.
+
+`preprocessing_fn` decodes the PNG/JPEG image, resizes it to `image_size` (bilinear, antialias) and
+scales it to [0, 1] (x / 255, as the tutorial does); with `standardize=True` it then subtracts the
+per-channel mean and divides by the per-channel standard deviation that a full-pass TFT analyzer
+computed over the *train* split. The mask is decoded, resized nearest-neighbour (class ids and the
+255 ignore label survive untouched) and cast to int64.
+
+Outputs (both published atomically, together):
+- Transform graph artifact = the TFT output dir: `tft.TFTransformOutput(transform_graph_uri)` loads
+  it (`transform_fn/`, `transformed_metadata/`, and `metadata/` holding the raw feature spec).
+- Transformed examples artifact: `Split-train/` and `Split-eval/` with GZIP `data-*.tfrecord.gz`
+  shards of tf.train.Example: `image` float32 list (S*S*3, HWC order), `mask` int64 list (S*S), `id`
+  bytes. `tft_output.transformed_feature_spec()` parses them straight into [S, S, 3] / [S, S].
+  The `test` split is NOT transformed: the Evaluator feeds raw test bytes through the model's
+  serving signature, which runs this same graph.
+
+Serving contract of the transform graph:
+- Inputs (`RAW_FEATURE_SPEC`): `image`, `mask`, `id`, each a scalar tf.string per example
+  (batched: shape [N]). At serving only `image` is fed (`RAW_SERVING_KEYS`): call
+  `tft_output.transform_features_layer()({"image": image_bytes})` with a [N] tf.string tensor.
+  TFT fills unfed inputs with empty strings and returns only the outputs that do not depend on them
+  (`TRANSFORMED_SERVING_KEYS`: `image`, float32 [N, S, S, 3]); the mask branch turns an empty
+  string into an all-ignore (255) mask instead of failing to decode it.
+- For export, prefer `load_serving_transform(uri)`: a plain `tf.Module` over the same SavedModel with
+  `transform_image(image_bytes) -> image` (feeds empty `mask`/`id` itself). Track it with
+  `keras.export.ExportArchive.track` and call it in the endpoint. The TFT layer works too, but it is
+  a Keras 2 (`tf_keras`) model and saving it re-traces its call under autograph (15-40 s here);
+  never mix either into a Keras 3 model graph.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from components import artifacts
+from components.beam_utils import beam_pipeline
+from components.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+# Raw inputs of the transform graph (scalar bytes per example) and what serving feeds.
+RAW_KEYS = (artifacts.IMAGE_KEY, artifacts.MASK_KEY, artifacts.ID_KEY)
+RAW_SERVING_KEYS = (artifacts.IMAGE_KEY,)
+# Outputs of the transform graph; at serving only the image comes out.
+TRANSFORMED_KEYS = (artifacts.IMAGE_KEY, artifacts.MASK_KEY, artifacts.ID_KEY)
+TRANSFORMED_SERVING_KEYS = (artifacts.IMAGE_KEY,)
+
+DEFAULT_BATCH_SIZE = 64  # tft_beam.Context(desired_batch_size=...): images per TF call
+MAP_PARALLELISM = 16  # tf.map_fn parallel_iterations: per-image decodes run concurrently
+STD_EPSILON = 1e-6  # keeps a constant channel from dividing by zero
+TELEMETRY = ["segpipe", "transform"]
+
+
+def raw_feature_spec() -> dict[str, Any]:
+    """The raw example as TFT sees it: three scalar byte strings."""
+    import tensorflow as tf
+
+    return {key: tf.io.FixedLenFeature([], tf.string) for key in RAW_KEYS}
+
+
+def decode_resize_image(encoded: Any, image_size: int) -> Any:
+    """[N] PNG/JPEG bytes -> float32 [N, S, S, 3] in [0, 1] (bilinear, antialias, then / 255)."""
+    import tensorflow as tf
+
+    def _one(data: Any) -> Any:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+        return resized / 255.0
+
+    return tf.map_fn(
+        _one,
+        encoded,
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        parallel_iterations=MAP_PARALLELISM,
+    )
+
+
+def decode_resize_mask(encoded: Any, image_size: int) -> Any:
+    """[N] PNG bytes -> int64 [N, S, S] class ids (nearest neighbour, 255 kept).
+
+    An empty string (what TFT feeds for an absent `mask` at serving time) becomes an all-ignore mask,
+    so the serving graph never fails on the mask branch it does not return.
+    """
+    import tensorflow as tf
+
+    def _decode(data: Any) -> Any:
+        mask = tf.io.decode_image(data, channels=1, expand_animations=False)
+        mask = tf.image.resize(mask, [image_size, image_size], method="nearest")
+        return tf.reshape(mask, [image_size, image_size])
+
+    def _one(data: Any) -> Any:
+        return tf.cond(
+            tf.strings.length(data) > 0,
+            lambda: _decode(data),
+            lambda: tf.fill([image_size, image_size], tf.constant(artifacts.IGNORE_LABEL, tf.uint8)),
+        )
+
+    masks = tf.map_fn(
+        _one,
+        encoded,
+        fn_output_signature=tf.TensorSpec([image_size, image_size], tf.uint8),
+        parallel_iterations=MAP_PARALLELISM,
+    )
+    return tf.cast(masks, tf.int64)
+
+
+def standardize_channels(images: Any) -> Any:
+    """(x - mean_c) / std_c with per-channel mean/variance over the whole train split (TFT analyzers)."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    pixels = tf.reshape(images, [-1, 3])  # every pixel is one instance for the analyzers
+    mean = tft.mean(pixels, reduce_instance_dims=False, name="channel_mean")
+    variance = tft.var(pixels, reduce_instance_dims=False, name="channel_var")
+    return (images - mean) / tf.sqrt(variance + STD_EPSILON)
+
+
+def load_serving_transform(transform_graph_uri: str) -> Any:
+    """The transform graph as a `tf.Module` whose `transform_image([N] bytes)` gives float32 [N, S, S, 3].
+
+    Empty strings stand in for the raw `mask` and `id` (the mask branch maps them to 255).
+    """
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    output = tft.TFTransformOutput(transform_graph_uri)
+    size = output.transformed_feature_spec()[artifacts.IMAGE_KEY].shape
+    module = tf.Module(name="serving_transform")
+    module.transform_graph = tf.saved_model.load(output.transform_savedmodel_dir)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def transform_image(image_bytes: Any) -> Any:
+        absent = tf.fill(tf.shape(image_bytes), "")
+        raw = {key: absent for key in RAW_KEYS}
+        raw[artifacts.IMAGE_KEY] = image_bytes
+        images = module.transform_graph.transform_fn(raw)[artifacts.IMAGE_KEY]
+        return tf.ensure_shape(images, [None, *size])
+
+    module.transform_image = transform_image
+    return module
+
+
+def make_preprocessing_fn(image_size: int, standardize: bool) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The TFT preprocessing_fn for `image_size` (see the module docstring for its contract)."""
+    import tensorflow as tf
+
+    def preprocessing_fn(inputs: Mapping[str, Any]) -> dict[str, Any]:
+        images = decode_resize_image(inputs[artifacts.IMAGE_KEY], image_size)
+        if standardize:
+            images = standardize_channels(images)
+        return {
+            artifacts.IMAGE_KEY: images,
+            artifacts.MASK_KEY: decode_resize_mask(inputs[artifacts.MASK_KEY], image_size),
+            artifacts.ID_KEY: tf.identity(inputs[artifacts.ID_KEY]),
+        }
+
+    return preprocessing_fn
+
+
+def check_schema(schema_uri: str) -> Path:
+    """The Schema artifact must declare the raw features this transform reads."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    path = Path(schema_uri) / artifacts.SCHEMA_FILE
+    try:
+        schema = text_format.Parse(path.read_text(), schema_pb2.Schema())
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: schema file not found") from None
+    except text_format.ParseError as exc:
+        raise BadInputError(f"{path}: not a schema text proto ({exc})") from None
+    declared = {feature.name for feature in schema.feature}
+    missing = [key for key in RAW_KEYS if key not in declared]
+    if missing:
+        raise BadInputError(f"{path}: schema lacks feature(s) {missing} that Transform reads")
+    return path
+
+
+def input_files(examples_uri: str, split: str) -> list[str]:
+    files = artifacts.split_files(examples_uri, split)
+    if not files:
+        raise BadInputError(
+            f"{artifacts.split_dir(examples_uri, split)}: no {artifacts.SHARD_PATTERN} shards in the Examples artifact"
+        )
+    return files
+
+
+def build_transform_pipeline(
+    pipeline: Any,
+    files: Mapping[str, list[str]],
+    preprocessing_fn: Callable,
+    transform_graph_dir: str,
+    transformed_examples_dir: str,
+) -> None:
+    """Analyze on `train`, transform every split in `files`, write the graph and the TFRecords."""
+    import apache_beam as beam
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
+    from tfx_bsl.coders.example_coder import RecordBatchToExamplesEncoder
+    from tfx_bsl.public import tfxio
+
+    raw_metadata = dataset_metadata.DatasetMetadata.from_feature_spec(raw_feature_spec())
+
+    def read(split: str, stage: str) -> tuple[Any, Any]:
+        source = tfxio.TFExampleRecord(files[split], schema=raw_metadata.schema, telemetry_descriptors=TELEMETRY)
+        return pipeline | f"{stage}[{split}]" >> source.BeamSource(), source.TensorAdapterConfig()
+
+    def encode(batch_and_passthrough: tuple[Any, Any]) -> list[bytes]:
+        record_batch, _ = batch_and_passthrough
+        return RecordBatchToExamplesEncoder().encode(record_batch)
+
+    # Analysis reads train on its own so that the transform stages stream from disk instead of
+    # holding the whole split in memory until the analyzers finish.
+    transform_fn = read(artifacts.TRAIN, "ReadForAnalysis") | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_graph_dir)
+    metadata_io.write_metadata(raw_metadata, str(Path(transform_graph_dir) / "metadata"))
+
+    for split in files:
+        transformed, _ = (read(split, "Read"), transform_fn) | f"Transform[{split}]" >> tft_beam.TransformDataset(
+            output_record_batches=True
+        )
+        _ = (
+            transformed
+            | f"Encode[{split}]" >> beam.FlatMap(encode)
+            | f"Count[{split}]" >> beam.Map(count_record, split)
+            | f"Write[{split}]"
+            >> beam.io.WriteToTFRecord(
+                artifacts.shard_prefix(transformed_examples_dir, split),
+                file_name_suffix=".tfrecord.gz",
+                compression_type=beam.io.filesystem.CompressionTypes.GZIP,
+            )
+        )
+
+
+def count_record(record: bytes, split: str) -> bytes:
+    """Counts written records per split as a Beam metric (read back after the run)."""
+    from apache_beam.metrics import Metrics
+
+    Metrics.counter("segpipe.transform", f"records[{split}]").inc()
+    return record
+
+
+def query_counts(result: Any, splits: list[str]) -> dict[str, int]:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    counts = {split: 0 for split in splits}
+    for split in splits:
+        query = result.metrics().query(MetricsFilter().with_namespace("segpipe.transform").with_name(f"records[{split}]"))
+        counts[split] = int(sum(c.committed or 0 for c in query["counters"]))
+    return counts
+
+
+def run_transform(
+    examples_uri: str,
+    schema_uri: str,
+    transformed_examples_uri: str,
+    transform_graph_uri: str,
+    *,
+    image_size: int,
+    standardize: bool,
+    num_classes: int,
+    beam_args: list[str],
+) -> dict:
+    """Analyze `train`, transform `train` and `eval`; publish the graph and the examples together.
+
+    Returns `{"counts": {"train": n, "eval": m}, "standardize": bool, "image_size": S}`. A failure
+    anywhere (including inside Beam) leaves nothing at either output URI.
+    """
+    import tensorflow_transform.beam as tft_beam
+
+    if num_classes < 2:
+        raise BadInputError(f"num_classes: expected >= 2, got {num_classes}")
+    schema_path = check_schema(schema_uri)
+    splits = [artifacts.TRAIN, artifacts.EVAL]
+    files = {split: input_files(examples_uri, split) for split in splits}
+    parameters = {
+        "image_size": image_size,
+        "standardize": standardize,
+        "num_classes": num_classes,
+        "beam_args": list(beam_args),
+    }
+    inputs = (examples_uri, schema_uri)
+    with artifacts.publish(
+        transform_graph_uri, artifacts.TRANSFORM_GRAPH, producer="Transform", parameters=parameters, inputs=inputs
+    ) as (graph_dir, graph_info), artifacts.publish(
+        transformed_examples_uri,
+        artifacts.TRANSFORMED_EXAMPLES,
+        producer="Transform",
+        parameters=parameters,
+        inputs=inputs,
+    ) as (examples_dir, examples_info):
+        tft_temp = graph_dir / ".tft_tmp"
+        pipeline = beam_pipeline(beam_args)
+        with tft_beam.Context(temp_dir=str(tft_temp), desired_batch_size=DEFAULT_BATCH_SIZE):
+            build_transform_pipeline(
+                pipeline, files, make_preprocessing_fn(image_size, standardize), str(graph_dir), str(examples_dir)
+            )
+            result = pipeline.run()
+            result.wait_until_finish()
+        shutil.rmtree(tft_temp, ignore_errors=True)
+        counts = query_counts(result, splits)
+        for info in (graph_info, examples_info):
+            info["counts"] = dict(counts)
+            info["extra"].update(
+                image_size=image_size,
+                standardize=standardize,
+                num_classes=num_classes,
+                schema=str(schema_path),
+                raw_serving_keys=list(RAW_SERVING_KEYS),
+            )
+    log.info("transform: %s (image_size=%d, standardize=%s)", counts, image_size, standardize)
+    return {"counts": counts, "standardize": standardize, "image_size": image_size}

@@ -1,0 +1,356 @@
+"""Kubeflow Pipelines v2: the same DAG as `pipeline.pipeline.create_pipeline`, compiled, submitted, scheduled.
+
+`build_pipeline(cfg, image=...)` walks the node list and creates one KFP task per node from the
+matching lightweight component below. Each component body only calls `run_node`, which looks the
+node up in `create_pipeline(cfg)` and calls `execute_node` exactly as the local runner does; the
+image already holds segpipe, so nothing is pip-installed at run time. Run parameters (data
+pattern, span, threshold, epochs, image size, profile, root) are pipeline parameters; a first
+`config` task turns them plus the compile-time config into the run's config JSON.
+
+This module deliberately has no `from __future__ import annotations`: KFP reads the component
+signatures' annotations at runtime (Input[Model], NamedTuple outputs) and cannot parse strings.
+"""
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components import artifacts
+from pipeline.config import SegpipeConfig, load_config, with_overrides
+from pipeline.pipeline import RUN_PARAMETERS, Node, NodeContext, create_pipeline, execute_node, nodes_by_name
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "KF_PIPELINES_TOKEN"
+CONFIG_TASK = "config"
+
+
+# ------------------------------------------------------------------ what runs inside the pods
+
+
+def resolve_run_config(base_config: str, profile: str, run_parameters: dict) -> str:
+    """The run's config: defaults <- `profile` <- compile-time settings <- run parameters, as JSON."""
+    overrides = json.loads(base_config)
+    for name, value in run_parameters.items():
+        dotted = RUN_PARAMETERS[name][0]
+        overrides[dotted] = None if (name == "span" and value < 0) else value
+    cfg = load_config(profile=profile, overrides=overrides)
+    return json.dumps(cfg.as_dict(), sort_keys=True)
+
+
+def config_from_json(text: str) -> SegpipeConfig:
+    values = json.loads(text)
+    base = load_config(profile=values["profile"])
+    return with_overrides(base, {k: v for k, v in values.items() if k != "profile"})
+
+
+def _as_path_or_value(value: Any) -> Optional[str]:
+    """KFP artifacts -> their local path; resolver strings ("" = nothing resolved) -> path or None."""
+    if hasattr(value, "path"):
+        return value.path
+    return value or None
+
+
+def run_node(name: str, config: str, **arguments: Any) -> str:
+    """Run node `name` of the segpipe DAG with KFP's artifact paths; returns the result as JSON."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_from_json(config)
+    node = nodes_by_name(create_pipeline(cfg))[name]
+    if node.is_resolver:
+        return node.fn(**node.params(cfg)) or ""
+    paths = {key: _as_path_or_value(value) for key, value in arguments.items()}
+    inputs = {arg: paths.get(kfp_name(arg)) for arg in node.inputs}
+    inputs.update({key: paths.get(key) for key in node.context})
+    outputs = {arg: paths[kfp_name(arg)] for arg in node.outputs}
+    key = artifacts.fingerprint(name, node.params(cfg), artifacts.code_version(),
+                                artifacts.input_fingerprint(*[inputs[k] for k in sorted(inputs)]))
+    ctx = NodeContext(
+        run_id=arguments.get("run_id") or "kfp",
+        inputs=inputs,
+        scratch_dir=str(Path(cfg.root) / ".trainer_backups" / key[:16]),
+    )
+    return json.dumps(execute_node(node, cfg, inputs, outputs, ctx), default=str, sort_keys=True)
+
+
+def kfp_name(argument: str) -> str:
+    """`examples_uri` -> `examples`: a node argument's input/output name in KFP."""
+    return argument[: -len("_uri")] if argument.endswith("_uri") else argument
+
+
+# ------------------------------------------------------------------ one lightweight component per node
+# Each signature mirrors its node (checked by `check_component`); the body only calls `run_node`.
+
+
+def make_config(base_config: str, profile: str, input_pattern: str, span: int, pixel_accuracy_threshold: float,
+                epochs: int, image_size: int, root: str) -> str:
+    from pipeline.kubeflow import resolve_run_config
+
+    return resolve_run_config(base_config, profile, {
+        "input_pattern": input_pattern, "span": span, "pixel_accuracy_threshold": pixel_accuracy_threshold,
+        "epochs": epochs, "image_size": image_size, "root": root})
+
+
+def example_gen(config: str, examples: Output[Dataset]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("example_gen", config, examples=examples)
+
+
+def statistics_gen(config: str, examples: Input[Dataset], statistics: Output[Artifact]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("statistics_gen", config, examples=examples, statistics=statistics)
+
+
+def schema_gen(config: str, schema: Output[Artifact]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("schema_gen", config, schema=schema)
+
+
+def previous_statistics(config: str) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("previous_statistics", config)
+
+
+def example_validator(config: str, statistics: Input[Artifact], schema: Input[Artifact], examples: Input[Dataset],
+                      previous_statistics: str, anomalies: Output[Artifact]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("example_validator", config, statistics=statistics, schema=schema, examples=examples,
+                    previous_statistics=previous_statistics, anomalies=anomalies)
+
+
+def transform(config: str, examples: Input[Dataset], schema: Input[Artifact],
+              transformed_examples: Output[Dataset], transform_graph: Output[Artifact]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("transform", config, examples=examples, schema=schema,
+                    transformed_examples=transformed_examples, transform_graph=transform_graph)
+
+
+def latest_model(config: str) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("latest_model", config)
+
+
+def trainer(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact], base_model: str,
+            model: Output[Model], model_run: Output[Artifact]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("trainer", config, transformed_examples=transformed_examples, transform_graph=transform_graph,
+                    base_model=base_model, model=model, model_run=model_run)
+
+
+def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseline_model: str,
+              evaluation: Output[Artifact], blessing: Output[Artifact],
+              ) -> NamedTuple("EvaluatorOutputs", [("result", str), ("blessed", bool)]):
+    import json
+
+    from pipeline.kubeflow import run_node
+
+    result = run_node("evaluator", config, model=model, examples=examples, baseline_model=baseline_model,
+                      evaluation=evaluation, blessing=blessing)
+    return (result, bool(json.loads(result)["blessed"]))
+
+
+def pusher(config: str, model: Input[Model], blessing: Input[Artifact], evaluation: Input[Artifact],
+           examples: Input[Dataset], statistics: Input[Artifact], run_id: str,
+           pushed_model: Output[Artifact]) -> str:
+    from pipeline.kubeflow import run_node
+
+    return run_node("pusher", config, model=model, blessing=blessing, evaluation=evaluation,
+                    examples=examples, statistics=statistics, run_id=run_id, pushed_model=pushed_model)
+
+
+COMPONENT_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    fn.__name__: fn
+    for fn in (example_gen, statistics_gen, schema_gen, previous_statistics, example_validator, transform,
+               latest_model, trainer, evaluator, pusher)
+}
+
+
+# ------------------------------------------------------------------ building the KFP pipeline
+
+
+def node_io_names(node: Node) -> tuple[set[str], set[str]]:
+    """The KFP input and output names a node's component must declare (besides `config`)."""
+    inputs = {kfp_name(a) for a in node.inputs} | set(node.context)
+    return inputs, {kfp_name(a) for a in node.outputs}
+
+
+def check_component(node: Node, component: Any) -> None:
+    """The component's inputs/outputs must match the node's wiring: the DAG stays declared once."""
+    spec = component.component_spec
+    declared_inputs = set(spec.inputs) - {"config"}
+    declared_outputs = {name for name, out in spec.outputs.items() if "@" in out.type}  # artifacts only
+    want_inputs, want_outputs = node_io_names(node)
+    if not want_inputs <= declared_inputs or declared_outputs != want_outputs:
+        raise ValueError(
+            f"KFP component {spec.name}: inputs {sorted(declared_inputs)} / outputs {sorted(declared_outputs)} "
+            f"do not match node {node.name}: inputs {sorted(want_inputs)} / outputs {sorted(want_outputs)}"
+        )
+
+
+def config_overrides(cfg: SegpipeConfig) -> dict[str, Any]:
+    """What `cfg` sets beyond its profile's defaults, as dotted overrides (the compile-time layer)."""
+    def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, dict) and prefix + key != "kubeflow.gpu_node_selector":
+                out.update(flatten(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    mine, base = flatten(cfg.as_dict()), flatten(load_config(profile=cfg.profile).as_dict())
+    return {k: v for k, v in mine.items() if k != "profile" and base.get(k) != v}
+
+
+def parse_toleration(text: str) -> dict[str, Optional[str]]:
+    """`key=value:Effect` or `key:Effect` -> kfp-kubernetes add_toleration arguments."""
+    spec, _, effect = text.rpartition(":")
+    if not spec or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise ValueError(f"kubeflow.gpu_tolerations: {text!r} is not key[=value]:Effect")
+    key, sep, value = spec.partition("=")
+    return {"key": key, "operator": "Equal" if sep else "Exists", "value": value if sep else None, "effect": effect}
+
+
+def apply_resources(task: dsl.PipelineTask, node: Node, cfg: SegpipeConfig, *, resolver: bool) -> None:
+    """CPU/memory on every task; GPU, node selector and tolerations on the trainer; retries; caching."""
+    from kfp import kubernetes
+
+    kf = cfg.kubeflow
+    if node.gpu:
+        task.set_cpu_request(kf.trainer_cpu_request).set_memory_request(kf.trainer_memory_request)
+        if kf.accelerator_type and kf.accelerator_limit > 0:
+            task.set_accelerator_type(kf.accelerator_type).set_accelerator_limit(kf.accelerator_limit)
+        for label, value in sorted(kf.gpu_node_selector.items()):
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        for toleration in kf.gpu_tolerations:
+            kubernetes.add_toleration(task, **parse_toleration(toleration))
+    else:
+        task.set_cpu_request(kf.cpu_request).set_memory_request(kf.memory_request)
+    if kf.retries > 0:
+        task.set_retry(num_retries=kf.retries, backoff_duration=f"{kf.backoff_seconds}s", backoff_factor=2.0)
+    # Resolvers read the serving dir, which changes between runs: never cache them.
+    task.set_caching_options(enable_caching=not resolver)
+    task.set_display_name(node.name)
+
+
+def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_condition: bool = True) -> Any:
+    """The KFP pipeline for `create_pipeline(cfg)`.
+
+    `with_condition=False` leaves out the `dsl.If(blessed)` around the Pusher, for kfp.local (which
+    does not support conditions); the Pusher checks the blessing itself, so the outcome is the same.
+    """
+    image = image or cfg.kubeflow.image
+    nodes = create_pipeline(cfg)
+    components = {}
+    for node in nodes:
+        component = dsl.component(COMPONENT_FUNCTIONS[node.name], base_image=image, install_kfp_package=False)
+        check_component(node, component)
+        components[node.name] = component
+    config_component = dsl.component(make_config, base_image=image, install_kfp_package=False)
+    base_config = json.dumps(config_overrides(cfg), sort_keys=True)
+
+    defaults = run_parameter_defaults(cfg)
+
+    def segpipe_pipeline(*args: Any, **kwargs: Any) -> None:
+        params = {**dict(zip(defaults, args)), **kwargs}  # KFP passes the parameters positionally
+        config_task = config_component(base_config=base_config, **params)
+        config_task.set_cpu_request(cfg.kubeflow.cpu_request).set_memory_request(cfg.kubeflow.memory_request)
+        config_task.set_display_name(CONFIG_TASK)
+        tasks: dict[str, dsl.PipelineTask] = {}
+        for node in nodes:
+            arguments: dict[str, Any] = {"config": config_task.output}
+            for argument, ref in [*node.inputs.items(), *node.context.items()]:
+                source = tasks[ref.node]
+                name = kfp_name(argument) if argument in node.inputs else argument
+                arguments[name] = source.outputs[kfp_name(ref.output)] if ref.output else source.output
+            for name in set(components[node.name].component_spec.inputs) - set(arguments):
+                # The run id for the pusher's record; "" for an input this config leaves out (warm start off).
+                arguments[name] = dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == "run_id" else ""
+            if node.when is not None and with_condition:
+                with dsl.If(tasks[node.when.node].outputs[node.when.output] == True):  # noqa: E712
+                    task = components[node.name](**arguments)
+            else:
+                task = components[node.name](**arguments)
+            for name in node.after:
+                task.after(tasks[name])
+            apply_resources(task, node, cfg, resolver=node.is_resolver)
+            tasks[node.name] = task
+
+    segpipe_pipeline.__signature__ = inspect.Signature([
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=type(value))
+        for name, value in defaults.items()
+    ])
+    segpipe_pipeline.__annotations__ = {name: type(value) for name, value in defaults.items()}
+    return dsl.pipeline(
+        name=cfg.pipeline_name,
+        description="segpipe: TFRecords -> TFDV -> TFT -> Keras U-Net -> evaluator gate -> pusher",
+        pipeline_root=cfg.kubeflow.pipeline_root or None,
+    )(segpipe_pipeline)
+
+
+def run_parameter_defaults(cfg: SegpipeConfig) -> dict[str, Any]:
+    """Pipeline parameters and their compile-time defaults (span -1 = the latest span)."""
+    values: dict[str, Any] = {"profile": cfg.profile}
+    for name, (dotted, kind) in RUN_PARAMETERS.items():
+        section, _, fld = dotted.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, fld)
+        values[name] = kind(-1 if value is None else value)
+    return values
+
+
+def compile_pipeline(cfg: SegpipeConfig, out: str, *, image: str | None = None) -> str:
+    """Write the KFP v2 IR YAML for the DAG; returns the path."""
+    from kfp import compiler
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(cfg, image=image), package_path=out)
+    return out
+
+
+# ------------------------------------------------------------------ talking to a KFP deployment
+
+
+def kfp_client(host: str, namespace: str | None) -> Any:
+    """A kfp.Client; the token comes from KF_PIPELINES_TOKEN, else kfp's own kube-config lookup."""
+    import kfp
+
+    token = os.environ.get(TOKEN_ENV) or None
+    return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+
+
+def describe_api_error(host: str, exc: BaseException) -> str:
+    """One line for the user: refused (HTTP status + reason) or unreachable (the socket error)."""
+    import re
+
+    status = getattr(exc, "status", None)
+    if status is not None:
+        reason = getattr(exc, "reason", "") or ""
+        return f"Kubeflow Pipelines at {host} refused the request: HTTP {status} {reason}".strip()
+    text = str(exc)
+    errno = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    short = errno.group(1).strip() if errno else (text.splitlines()[0][:200] if text else type(exc).__name__)
+    return f"cannot reach Kubeflow Pipelines at {host}: {short}"
+
+
+def normalize_cron(expression: str) -> str:
+    """KFP's scheduler wants 6 fields (seconds first); a classic 5-field cron gets `0` seconds."""
+    from components.errors import BadInputError
+
+    fields = expression.split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise BadInputError(f"--cron {expression!r}: expected 5 or 6 fields, e.g. \"0 3 * * *\"")

@@ -1,0 +1,474 @@
+"""The in-process runner: walks `create_pipeline(cfg)` on the pipeline root, with caching and lineage.
+
+Layout under the root: `artifacts/<node>/<key>/<output>/` where `key` fingerprints everything that
+determines the outputs (parameters, code version, the fingerprints of the input artifacts, a
+resolved base model, the raw files read). A step whose folder already holds every output plus
+`result.json` is reused; so a killed run resumes at its first incomplete step, and two runs on the
+same root take turns on a per-step lock instead of clobbering each other. ML Metadata records
+every step (COMPLETE, CACHED, FAILED, CANCELED) under a context per run.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from components import artifacts
+from components.errors import BadInputError, NotBlessedError, SegpipeError
+from pipeline import metadata as md
+from pipeline.config import SegpipeConfig, with_overrides
+from pipeline.pipeline import (
+    SERVING_INFO_FILE,
+    Node,
+    NodeContext,
+    create_pipeline,
+    execute_node,
+    latest_blessed_info,
+    trained_spans,
+)
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS_DIR = "artifacts"
+BACKUPS_DIR = ".trainer_backups"
+RESULT_FILE = "result.json"
+ROOT_LOCK = ".segpipe.lock"
+SERVING_MODEL_TYPE = "ServingModel"
+DEMO_NUM_IMAGES = 1000
+
+
+@dataclass
+class StepResult:
+    node: str
+    state: str  # done | cached | skipped | failed
+    seconds: float
+    result: Any = None
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str  # pushed | not_blessed | no_new_data | failed | bad_input
+    exit_code: int
+    message: str = ""
+    steps: list[StepResult] = field(default_factory=list)
+    blessed: bool | None = None
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    pushed_version: int | None = None
+    pushed_path: str | None = None
+    report_path: str | None = None
+
+
+# ------------------------------------------------------------------ locks and fingerprints
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, exclusive: bool = True) -> Iterator[None]:
+    """fcntl lock on `path` (created if needed); released when the process dies, so no stale locks."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:
+    """Name, size and mtime of each file: cheap, and any rewrite of a span changes it."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:  # the component itself reports a missing input, naming it
+            out.append((str(path), -1, -1))
+            continue
+        out.append((str(Path(path).resolve()), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def value_fingerprint(value: str | None) -> str:
+    """A resolved path's identity: the path plus its metadata file (a new push changes it)."""
+    if value is None:
+        return artifacts.fingerprint(None)
+    parts: list[Any] = [str(Path(value).resolve())]
+    for name in (SERVING_INFO_FILE, artifacts.METADATA_FILE):
+        meta = Path(value) / name
+        if meta.is_file():
+            parts.append(meta.read_text())
+    return artifacts.fingerprint(*parts)
+
+
+def is_complete(exec_dir: Path, outputs: Mapping[str, str]) -> bool:
+    return (exec_dir / RESULT_FILE).is_file() and all(artifacts.is_published(u) for u in outputs.values())
+
+
+def output_name(argument: str) -> str:
+    """`examples_uri` -> `examples`: the folder (and Kubeflow output) name of an output argument."""
+    return argument[: -len("_uri")] if argument.endswith("_uri") else argument
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass
+class _Resolved:
+    """What downstream steps see of a finished step."""
+
+    uris: dict[str, str | None]  # output argument -> path (resolvers: "value")
+    fingerprints: dict[str, str]
+    types: dict[str, str]
+    result: Any
+
+
+class LocalRunner:
+    """Runs a node list on one pipeline root; one instance per run."""
+
+    def __init__(
+        self,
+        cfg: SegpipeConfig,
+        *,
+        nodes: list[Node] | None = None,
+        no_cache: bool = False,
+        run_id: str | None = None,
+        progress: Callable[[str], None] = log.info,
+    ) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.root)
+        self.nodes = nodes if nodes is not None else create_pipeline(cfg)
+        self.no_cache = no_cache
+        self.run_id = run_id or time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+        self.progress = progress
+        self.code_version = artifacts.code_version()
+        self.metadata = md.Metadata.from_config(cfg)
+        self.resolved: dict[str, _Resolved] = {}
+
+    # -------------------------------------------------------------- one step
+
+    def _inputs(self, node: Node) -> tuple[dict[str, str | None], list[md.ArtifactRef], list[str]]:
+        """Input paths/values by argument, their ML Metadata refs, and their fingerprints."""
+        paths: dict[str, str | None] = {}
+        refs: list[md.ArtifactRef] = []
+        prints: list[str] = []
+        for argument, ref in [*node.inputs.items(), *node.context.items()]:
+            source = self.resolved[ref.node]
+            key = ref.output or "value"
+            uri = source.uris[key]
+            paths[argument] = uri
+            prints.append(f"{argument}={source.fingerprints[key]}")
+            if uri is not None:
+                refs.append(md.ArtifactRef(argument, str(Path(uri).resolve()), source.types[key],
+                                           {"fingerprint": source.fingerprints[key]}))
+        return paths, refs, sorted(prints)
+
+    def _execution_key(self, node: Node, params: dict[str, Any], input_prints: list[str]) -> str:
+        watched = files_fingerprint(node.watch(self.cfg)) if node.watch else []
+        key = artifacts.fingerprint(node.name, params, self.code_version, input_prints, watched)
+        return artifacts.fingerprint(key, self.run_id) if self.no_cache else key
+
+    def run_resolver(self, node: Node) -> StepResult:
+        """Resolvers read outside state (the serving dir), so they run every time."""
+        started = time.time()
+        params = node.params(self.cfg)
+        value = node.fn(**params)
+        value = str(Path(value).resolve()) if value else None
+        fp = value_fingerprint(value)
+        self.resolved[node.name] = _Resolved({"value": value}, {"value": fp}, {"value": node.value_type}, value)
+        outputs = [md.ArtifactRef("value", value, node.value_type, {"fingerprint": fp})] if value else []
+        self.metadata.record_execution(
+            pipeline_name=self.cfg.pipeline_name, run_id=self.run_id, node=node.name, state=md.COMPLETE,
+            properties={"parameters": params, "result": value or "", "duration": time.time() - started},
+            outputs=outputs,
+        )
+        return StepResult(node.name, "done", time.time() - started, value)
+
+    def run_step(self, node: Node) -> StepResult:
+        """Run (or reuse) one component step under its lock, and record it."""
+        started = time.time()
+        params = node.params(self.cfg)
+        inputs, input_refs, input_prints = self._inputs(node)
+        key = self._execution_key(node, params, input_prints)
+        exec_dir = self.root / ARTIFACTS_DIR / node.name / key[:16]
+        outputs = {arg: str(exec_dir / output_name(arg)) for arg in node.outputs}
+        base = {"fingerprint": key, "parameters": params, "code_version": self.code_version}
+        with file_lock(self.root / ARTIFACTS_DIR / node.name / f".{key[:16]}.lock"):
+            if not self.no_cache and is_complete(exec_dir, outputs):
+                state, result = "cached", json.loads((exec_dir / RESULT_FILE).read_text())
+            else:
+                state = "done"
+                ctx = NodeContext(self.run_id, inputs, str(self.root / BACKUPS_DIR / key[:16]))
+                try:
+                    result = execute_node(node, self.cfg, inputs, outputs, ctx)
+                except BaseException as exc:
+                    self._record(node, md.FAILED, {**base, "error": f"{type(exc).__name__}: {exc}",
+                                                    "duration": time.time() - started},
+                                 input_refs, key, outputs)
+                    raise
+                artifacts.write_json_atomic(exec_dir / RESULT_FILE, result)
+        self.resolved[node.name] = _Resolved(
+            dict(outputs), {a: artifacts.fingerprint(key, a) for a in outputs}, dict(node.outputs), result
+        )
+        extra = self._serving_output(result)
+        self._record(node, md.CACHED if state == "cached" else md.COMPLETE,
+                     {**base, "result": result, "duration": time.time() - started}, input_refs, key, outputs, extra)
+        return StepResult(node.name, state, time.time() - started, result, outputs)
+
+    def _serving_output(self, result: Any) -> list[md.ArtifactRef]:
+        """A pushed version folder becomes an artifact too: the next run's base model links to it."""
+        if isinstance(result, Mapping) and result.get("pushed") and result.get("path"):
+            path = str(Path(result["path"]).resolve())
+            return [md.ArtifactRef("serving_version", path, SERVING_MODEL_TYPE, {"version": result.get("version")})]
+        return []
+
+    def _record(self, node: Node, state: str, properties: dict[str, Any], input_refs: list[md.ArtifactRef],
+                key: str, outputs: Mapping[str, str], extra: list[md.ArtifactRef] = ()) -> None:
+        output_refs = [
+            md.ArtifactRef(arg, str(Path(uri).resolve()), node.outputs[arg],
+                           {"fingerprint": artifacts.fingerprint(key, arg), "node": node.name})
+            for arg, uri in outputs.items() if artifacts.is_published(uri)
+        ]
+        self.metadata.record_execution(
+            pipeline_name=self.cfg.pipeline_name, run_id=self.run_id, node=node.name, state=state,
+            properties=properties, inputs=input_refs, outputs=[*output_refs, *extra],
+        )
+
+    def _condition_holds(self, node: Node) -> bool:
+        if node.when is None:
+            return True
+        result = self.resolved[node.when.node].result
+        return bool(isinstance(result, Mapping) and result.get(node.when.output))
+
+    # -------------------------------------------------------------- the whole DAG
+
+    def run(self) -> list[StepResult]:
+        """Every node in order; raises the first step's failure after recording it."""
+        steps: list[StepResult] = []
+        total = len(self.nodes)
+        for index, node in enumerate(self.nodes, 1):
+            label = f"[{index}/{total}] {node.name:<20}"
+            if not self._condition_holds(node):
+                self.metadata.record_execution(
+                    pipeline_name=self.cfg.pipeline_name, run_id=self.run_id, node=node.name,
+                    state=md.CANCELED, properties={"reason": f"{node.when.node}.{node.when.output} is false"},
+                )
+                steps.append(StepResult(node.name, "skipped", 0.0))
+                self.progress(f"{label} skipped   ({node.when.node} {node.when.output} is false)")
+                continue
+            self.progress(f"{label} running")
+            started = time.time()
+            try:
+                step = self.run_resolver(node) if node.is_resolver else self.run_step(node)
+            except BaseException as exc:
+                self.progress(f"{label} failed    {time.time() - started:7.1f}s  {type(exc).__name__}")
+                raise
+            steps.append(step)
+            self.progress(f"{label} {step.state:<9} {step.seconds:7.1f}s{summarize(step.result)}")
+        return steps
+
+
+def summarize(result: Any) -> str:
+    """A few words for the progress line (counts, blessing, version)."""
+    if not isinstance(result, Mapping):
+        return f"  {result}" if result else ""
+    parts = []
+    for key in ("counts", "blessed", "pushed", "version"):
+        if key in result and result[key] is not None:
+            parts.append(f"{key}={json.dumps(result[key], default=str, sort_keys=True)}")
+    return ("  " + " ".join(parts)) if parts else ""
+
+
+# ------------------------------------------------------------------ segpipe run
+
+
+def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
+    """Is there a span newer than the ones the latest blessed model was trained on?"""
+    from components.example_gen import resolve_spans
+
+    info = latest_blessed_info(cfg.serving_dir)
+    if info is None:
+        return True, "no model pushed yet"
+    trained = trained_spans(info)
+    if not trained:
+        return True, "the serving model does not record its spans"
+    spans = resolve_spans(cfg.input_pattern, cfg.data.span, cfg.data.num_spans)
+    if max(spans) > max(trained):
+        return True, f"span {max(spans)} is newer than span {max(trained)} of version {info.get('version')}"
+    return False, (f"no new data: latest span {max(spans)}; serving version {info.get('version')} "
+                   f"was trained on spans {trained}")
+
+
+def ensure_demo_data(cfg: SegpipeConfig, num: int = DEMO_NUM_IMAGES) -> str | None:
+    """Generate the demo dataset under `<root>/data` when the default data root holds no span."""
+    data_root = Path(cfg.data_root)
+    if cfg.data.root or any(data_root.glob("span-*")):
+        return None
+    from components.demo_data import write_demo_data
+
+    written = write_demo_data(data_root, num=num, span=1, progress=False)
+    return written["path"]
+
+
+def absolute_root(cfg: SegpipeConfig) -> SegpipeConfig:
+    """Pin the root to an absolute path so artifact URIs in ML Metadata stay valid from any cwd."""
+    return with_overrides(cfg, {"root": str(Path(cfg.root).resolve())})
+
+
+def run_pipeline(
+    cfg: SegpipeConfig,
+    *,
+    nodes: list[Node] | None = None,
+    no_cache: bool = False,
+    force: bool = False,
+    run_id: str | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> RunResult:
+    """`segpipe run`: the whole DAG, recorded; returns the outcome (the CLI maps it to an exit code).
+
+    Expected failures (bad data, anomalies, a failed step) are recorded on the run and re-raised.
+    """
+    cfg = absolute_root(cfg)
+    root = Path(cfg.root)
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ROOT_LOCK, exclusive=False):
+        runner = LocalRunner(cfg, nodes=nodes, no_cache=no_cache, run_id=run_id, progress=progress)
+        run = RunResult(runner.run_id, "running", 0)
+        started = time.time()
+        runner.metadata.start_run(cfg.pipeline_name, run.run_id, {"root": str(root), "profile": cfg.profile,
+                                                                  "config": cfg.as_dict()})
+        try:
+            if nodes is None and not force:
+                new, why = check_new_data(cfg)
+                if not new:
+                    run.status, run.message = "no_new_data", why
+                    progress(why)
+                    runner.metadata.update_run(run.run_id, status=run.status, message=why, exit_code=0,
+                                               finished=time.time(), duration=time.time() - started)
+                    return run
+                progress(f"training: {why}")
+            run.steps = runner.run()
+        except BaseException as exc:
+            exit_code = exc.exit_code if isinstance(exc, SegpipeError) else 1
+            status = "bad_input" if isinstance(exc, BadInputError) else "failed"
+            runner.metadata.update_run(run.run_id, status=status, message=f"{type(exc).__name__}: {exc}",
+                                       exit_code=exit_code, finished=time.time(),
+                                       duration=time.time() - started)
+            raise
+        finish_run(runner, run, started)
+    return run
+
+
+def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
+    """Blessing, metrics and push from the steps; the report; the run's final record."""
+    results = {s.node: s.result for s in run.steps}
+    evaluation = results.get("evaluator") or {}
+    push = results.get("pusher") or {}
+    run.blessed = evaluation.get("blessed") if isinstance(evaluation, Mapping) else None
+    run.reasons = list(evaluation.get("reasons") or []) if isinstance(evaluation, Mapping) else []
+    run.metrics = dict(evaluation.get("metrics") or {}) if isinstance(evaluation, Mapping) else {}
+    if isinstance(push, Mapping) and push.get("pushed"):
+        run.status, run.exit_code = "pushed", 0
+        run.pushed_version, run.pushed_path = push.get("version"), push.get("path")
+        run.message = f"pushed version {run.pushed_version} to {run.pushed_path}"
+    elif "evaluator" in results:
+        run.status, run.exit_code = "not_blessed", NotBlessedError.exit_code
+        run.message = "not blessed: " + ("; ".join(run.reasons) or "the gate failed")
+    else:
+        run.status, run.exit_code, run.message = "done", 0, "all steps finished"
+    run.report_path = write_report(runner, run)
+    runner.metadata.update_run(
+        run.run_id, status=run.status, message=run.message, exit_code=run.exit_code, blessed=run.blessed,
+        metrics=run.metrics, version=run.pushed_version, serving_path=run.pushed_path,
+        report=run.report_path, finished=time.time(), duration=time.time() - started,
+        steps={s.node: s.state for s in run.steps},
+        spans=(results.get("example_gen") or {}).get("spans") if isinstance(results.get("example_gen"), Mapping) else None,
+    )
+
+
+def write_report(runner: LocalRunner, run: RunResult) -> str | None:
+    """Helper D's HTML run report from this run's artifacts; never fails the run."""
+    try:
+        from components import report
+    except ImportError:
+        return None
+    evaluator = runner.resolved.get("evaluator")
+    if evaluator is None:
+        return None
+
+    def uri(node: str, argument: str) -> str | None:
+        found = runner.resolved.get(node)
+        return found.uris.get(argument) if found else None
+
+    try:
+        path = report.write_run_report(
+            Path(runner.cfg.root) / "reports" / f"{run.run_id}.html",
+            evaluation_uri=evaluator.uris["evaluation_uri"],
+            blessing_uri=evaluator.uris["blessing_uri"],
+            pushed_model_uri=uri("pusher", "pushed_model_uri"),
+            statistics_uri=uri("statistics_gen", "statistics_uri"),
+            anomalies_uri=uri("example_validator", "anomalies_uri"),
+            model_run_uri=uri("trainer", "model_run_uri"),
+        )
+        return str(path)
+    except Exception:  # the report is a convenience; the run's outcome stands
+        log.exception("writing the run report failed")
+        return None
+
+
+# ------------------------------------------------------------------ segpipe gc
+
+
+@dataclass
+class GcResult:
+    freed_bytes: int
+    removed: list[str]
+    kept: int
+
+
+def dir_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
+    """Remove artifacts that no pushed version and none of the last `keep` runs depend on.
+
+    Holds the root lock exclusively, so it waits for running pipelines and none starts meanwhile.
+    """
+    from components.pusher import list_version_numbers
+
+    cfg = absolute_root(cfg)
+    root = Path(cfg.root)
+    with file_lock(root / ROOT_LOCK, exclusive=True):
+        meta = md.Metadata.from_config(cfg)
+        keep_ids: set[int] = set()
+        for run in meta.list_runs()[:keep]:
+            keep_ids |= meta.run_artifact_ids(run["run_id"])
+        versions = [str((Path(cfg.serving_dir) / str(v)).resolve()) for v in list_version_numbers(cfg.serving_dir)]
+        keep_ids |= meta.upstream_ids([a.id for a in meta.artifacts_by_uri(versions)])
+        keep_ids |= meta.upstream_ids(sorted(keep_ids))
+        artifacts_root = root / ARTIFACTS_DIR
+        doomed = [a for a in meta.live_artifacts()
+                  if a.id not in keep_ids and Path(a.uri).is_relative_to(artifacts_root)]
+        freed, removed = 0, []
+        for artifact in doomed:
+            path = Path(artifact.uri)
+            if path.exists():
+                freed += dir_size(path)
+                (path.parent / RESULT_FILE).unlink(missing_ok=True)  # the step is no longer cached
+                shutil.rmtree(path)
+                removed.append(str(path))
+            if path.parent.is_dir() and not any(path.parent.iterdir()):
+                path.parent.rmdir()
+        meta.mark_deleted(doomed)
+    return GcResult(freed, removed, len(keep_ids))

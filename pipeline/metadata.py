@@ -1,0 +1,352 @@
+"""ML Metadata for segpipe runs: executions, artifacts, lineage events and a context per run.
+
+One `Metadata` object wraps an `ml_metadata` store (SQLite under the pipeline root by default,
+MySQL for a shared deployment). Every step records one execution with INPUT/OUTPUT events; an
+artifact is keyed by its URI (its external id), so a cached step and a later run's inputs point at
+the same artifact and lineage crosses runs. SQLite writes from concurrent runs are serialised
+with a lock file beside the database.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from components.errors import BadInputError
+from pipeline.config import SegpipeConfig
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CONTEXT = "segpipe.Pipeline"
+RUN_CONTEXT = "segpipe.Run"
+EXECUTION_PREFIX = "segpipe."
+
+# Execution states as ML Metadata names them.
+RUNNING, COMPLETE, FAILED, CACHED, CANCELED = "RUNNING", "COMPLETE", "FAILED", "CACHED", "CANCELED"
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """An artifact as a step sees it: the event key (argument name), URI, type and properties."""
+
+    key: str
+    uri: str
+    type: str
+    properties: Mapping[str, Any]
+
+
+def connection_config(cfg: SegpipeConfig) -> Any:
+    """SQLite at cfg.sqlite_path, or MySQL when metadata.mysql_host is set (password from env)."""
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    conn = pb.ConnectionConfig()
+    meta = cfg.metadata
+    if meta.mysql_host:
+        password = os.environ.get(meta.mysql_password_env)
+        if password is None:
+            raise BadInputError(
+                f"metadata.mysql_password_env: environment variable {meta.mysql_password_env} is not set"
+            )
+        conn.mysql.host = meta.mysql_host
+        conn.mysql.port = meta.mysql_port
+        conn.mysql.database = meta.mysql_database
+        conn.mysql.user = meta.mysql_user
+        conn.mysql.password = password
+    else:
+        Path(cfg.sqlite_path).parent.mkdir(parents=True, exist_ok=True)
+        conn.sqlite.filename_uri = str(cfg.sqlite_path)
+        conn.sqlite.connection_mode = pb.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
+    return conn
+
+
+def _to_value(value: Any, target: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        target.int_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, str):
+        target.string_value = value
+    else:
+        target.string_value = json.dumps(value, sort_keys=True, default=str)
+
+
+def _from_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def _props(message: Any) -> dict[str, Any]:
+    return {k: _from_value(v) for k, v in message.custom_properties.items()}
+
+
+def _set_props(message: Any, properties: Mapping[str, Any]) -> None:
+    for key, value in properties.items():
+        if value is not None:
+            _to_value(value, message.custom_properties[key])
+
+
+class Metadata:
+    """segpipe's view of an ML Metadata store."""
+
+    def __init__(self, connection: Any, lock_path: str | None = None) -> None:
+        from ml_metadata.metadata_store import metadata_store
+
+        self._lock_path = lock_path
+        with self._locked():
+            self.store = metadata_store.MetadataStore(connection)
+        self._type_ids: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    def from_config(cls, cfg: SegpipeConfig) -> Metadata:
+        lock = None if cfg.metadata.mysql_host else f"{cfg.sqlite_path}.lock"
+        return cls(connection_config(cfg), lock)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """SQLite has no busy timeout in ML Metadata: concurrent runs take turns via flock."""
+        if self._lock_path is None:
+            yield
+            return
+        with open(self._lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    # -------------------------------------------------------------- types and contexts
+
+    def _type_id(self, kind: str, name: str) -> int:
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        key = (kind, name)
+        if key not in self._type_ids:
+            put = {"artifact": (pb.ArtifactType, self.store.put_artifact_type),
+                   "execution": (pb.ExecutionType, self.store.put_execution_type),
+                   "context": (pb.ContextType, self.store.put_context_type)}[kind]
+            self._type_ids[key] = put[1](put[0](name=name))
+        return self._type_ids[key]
+
+    def _context(self, type_name: str, name: str, properties: Mapping[str, Any] | None = None) -> Any:
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        existing = self.store.get_context_by_type_and_name(type_name, name)
+        context = existing or pb.Context(type_id=self._type_id("context", type_name), name=name)
+        _set_props(context, properties or {})
+        [context.id] = self.store.put_contexts([context])
+        return context
+
+    def start_run(self, pipeline_name: str, run_id: str, properties: Mapping[str, Any]) -> None:
+        """Create the run's context (a child of the pipeline's) with status `running`."""
+        with self._locked():
+            pipeline = self._context(PIPELINE_CONTEXT, pipeline_name)
+            run = self._context(RUN_CONTEXT, run_id, {"pipeline": pipeline_name, "status": "running",
+                                                       "started": time.time(), **properties})
+            self.store.put_parent_contexts([_parent(pipeline.id, run.id)])
+
+    def update_run(self, run_id: str, **properties: Any) -> None:
+        with self._locked():
+            self._context(RUN_CONTEXT, run_id, properties)
+
+    # -------------------------------------------------------------- executions
+
+    def record_execution(
+        self,
+        *,
+        pipeline_name: str,
+        run_id: str,
+        node: str,
+        state: str,
+        properties: Mapping[str, Any],
+        inputs: Sequence[ArtifactRef] = (),
+        outputs: Sequence[ArtifactRef] = (),
+    ) -> int:
+        """One step's execution with its input/output events; returns the execution id."""
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        with self._locked():
+            execution = pb.Execution(
+                type_id=self._type_id("execution", EXECUTION_PREFIX + node),
+                last_known_state=pb.Execution.State.Value(state),
+                name=f"{run_id}/{node}",
+            )
+            _set_props(execution, {"node": node, "run_id": run_id, **properties})
+            pairs = []
+            for refs, event_type in ((inputs, pb.Event.INPUT), (outputs, pb.Event.OUTPUT)):
+                for ref in refs:
+                    pairs.append((self._artifact(ref), _event(event_type, ref.key)))
+            contexts = [self._context(PIPELINE_CONTEXT, pipeline_name), self._context(RUN_CONTEXT, run_id)]
+            execution_id, _, _ = self.store.put_execution(
+                execution, pairs, contexts, reuse_context_if_already_exist=True,
+                reuse_artifact_if_already_exist_by_external_id=True,
+            )
+        return execution_id
+
+    def _by_external_ids(self, external_ids: list[str]) -> list[Any]:
+        """ML Metadata raises NotFoundError for "none of these"; an empty list reads better."""
+        from ml_metadata import errors
+
+        try:
+            return self.store.get_artifacts_by_external_ids(external_ids)
+        except errors.NotFoundError:
+            return []
+
+    def _artifact(self, ref: ArtifactRef) -> Any:
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        existing = self._by_external_ids([ref.uri])
+        if existing:
+            return existing[0]
+        artifact = pb.Artifact(
+            type_id=self._type_id("artifact", ref.type), uri=ref.uri, external_id=ref.uri,
+            state=pb.Artifact.LIVE,
+        )
+        _set_props(artifact, ref.properties)
+        return artifact
+
+    # -------------------------------------------------------------- queries
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run, newest first, with its properties (status, metrics, blessing, version)."""
+        with self._locked():
+            contexts = self.store.get_contexts_by_type(RUN_CONTEXT)
+        runs = [{"run_id": c.name, "context_id": c.id, **_props(c)} for c in contexts]
+        return sorted(runs, key=lambda r: r.get("started", 0.0), reverse=True)
+
+    def run_executions(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's executions in recorded order, with their input and output artifacts."""
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        with self._locked():
+            context = self.store.get_context_by_type_and_name(RUN_CONTEXT, run_id)
+            if context is None:
+                return []
+            executions = self.store.get_executions_by_context(context.id)
+            events = self.store.get_events_by_execution_ids([e.id for e in executions])
+            artifact_ids = sorted({ev.artifact_id for ev in events})
+            by_id = {a.id: a for a in self.store.get_artifacts_by_id(artifact_ids)}
+        out = []
+        for execution in sorted(executions, key=lambda e: e.id):
+            mine = [ev for ev in events if ev.execution_id == execution.id]
+            out.append({
+                "id": execution.id,
+                "state": pb.Execution.State.Name(execution.last_known_state),
+                **_props(execution),
+                "inputs": {_event_key(ev): by_id[ev.artifact_id].uri for ev in mine if ev.type == pb.Event.INPUT},
+                "outputs": {_event_key(ev): by_id[ev.artifact_id].uri for ev in mine if ev.type == pb.Event.OUTPUT},
+            })
+        return out
+
+    def find_artifact(self, ref: str) -> Any | None:
+        """An artifact by id, by exact URI, or by a path inside an artifact."""
+        with self._locked():
+            if ref.isdigit():
+                found = self.store.get_artifacts_by_id([int(ref)])
+                return found[0] if found else None
+            path = Path(ref).resolve()
+            for candidate in (path, *path.parents):
+                found = self._by_external_ids([str(candidate)])
+                if found:
+                    return found[0]
+        return None
+
+    def lineage(self, artifact_id: int) -> list[dict[str, Any]]:
+        """Upstream lineage as a depth-first tree: each artifact with the execution that produced it.
+
+        An artifact reached twice is listed once (`repeat` is True on the later mentions, which
+        are not expanded again).
+        """
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        rows: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        stack: list[tuple[int, int]] = [(artifact_id, 0)]
+        with self._locked():
+            types = {t.id: t.name for t in self.store.get_artifact_types()}
+            while stack:
+                current, depth = stack.pop()
+                [artifact] = self.store.get_artifacts_by_id([current])
+                row = {"depth": depth, "artifact_id": current, "type": types.get(artifact.type_id, "?"),
+                       "uri": artifact.uri, "state": pb.Artifact.State.Name(artifact.state), "producer": None,
+                       "repeat": current in seen}
+                rows.append(row)
+                if row["repeat"]:
+                    continue
+                seen.add(current)
+                producers = [ev for ev in self.store.get_events_by_artifact_ids([current])
+                             if ev.type == pb.Event.OUTPUT]
+                if not producers:
+                    continue
+                # The first execution that wrote it (later ones are cache hits of the same step).
+                [execution] = self.store.get_executions_by_id([min(ev.execution_id for ev in producers)])
+                props = _props(execution)
+                row["producer"] = {"execution_id": execution.id, "node": props.get("node"),
+                                   "run_id": props.get("run_id"), "parameters": props.get("parameters"),
+                                   "result": props.get("result")}
+                inputs = [ev for ev in self.store.get_events_by_execution_ids([execution.id])
+                          if ev.type == pb.Event.INPUT]
+                for ev in sorted(inputs, key=lambda e: _event_key(e), reverse=True):
+                    stack.append((ev.artifact_id, depth + 1))
+        return rows
+
+    def upstream_ids(self, artifact_ids: Sequence[int]) -> set[int]:
+        """The artifacts and everything they were derived from (for gc)."""
+        keep: set[int] = set()
+        for artifact_id in artifact_ids:
+            keep.update(row["artifact_id"] for row in self.lineage(artifact_id))
+        return keep
+
+    def run_artifact_ids(self, run_id: str) -> set[int]:
+        """Every artifact a run's executions read or wrote."""
+        with self._locked():
+            context = self.store.get_context_by_type_and_name(RUN_CONTEXT, run_id)
+            if context is None:
+                return set()
+            executions = self.store.get_executions_by_context(context.id)
+            events = self.store.get_events_by_execution_ids([e.id for e in executions])
+        return {ev.artifact_id for ev in events}
+
+    def live_artifacts(self) -> list[Any]:
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        with self._locked():
+            return [a for a in self.store.get_artifacts() if a.state == pb.Artifact.LIVE]
+
+    def artifacts_by_uri(self, uris: Sequence[str]) -> list[Any]:
+        with self._locked():
+            return self._by_external_ids(list(uris)) if uris else []
+
+    def mark_deleted(self, artifacts: Sequence[Any]) -> None:
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        with self._locked():
+            for artifact in artifacts:
+                artifact.state = pb.Artifact.DELETED
+            if artifacts:
+                self.store.put_artifacts(list(artifacts))
+
+
+def _event(event_type: int, key: str) -> Any:
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    event = pb.Event(type=event_type)
+    event.path.steps.add().key = key
+    return event
+
+
+def _event_key(event: Any) -> str:
+    return event.path.steps[0].key if event.path.steps else ""
+
+
+def _parent(parent_id: int, child_id: int) -> Any:
+    from ml_metadata.proto import metadata_store_pb2 as pb
+
+    return pb.ParentContext(parent_id=parent_id, child_id=child_id)

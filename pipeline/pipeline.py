@@ -1,0 +1,358 @@
+"""The segpipe DAG, declared once.
+
+ExampleGen -> StatisticsGen -> schema import -> ExampleValidator -> Transform -> Trainer (warm start
+from the latest blessed model) -> Evaluator (baseline: the same model) -> Pusher (only if blessed).
+
+`create_pipeline(cfg)` returns the nodes in execution order. A node names the real component
+function, which of its arguments are input artifacts (references to other nodes' outputs), which are
+output artifacts (and their types), and how the config maps to its plain parameters. Two resolver
+nodes (the latest blessed model, the statistics that model was trained on) read the serving dir, so
+the local runner and Kubeflow apply the same rule. Both runners call `execute_node`; neither has its
+own copy of the wiring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from components import artifacts
+from pipeline.config import SegpipeConfig
+
+log = logging.getLogger(__name__)
+
+SERVING_INFO_FILE = "segpipe.json"  # written by the pusher into every serving version
+
+# Run parameters: what a user changes per run (CLI flags locally, pipeline parameters on Kubeflow),
+# mapped to the config field each one sets. `span` -1 means "the latest span".
+RUN_PARAMETERS: dict[str, tuple[str, type]] = {
+    "input_pattern": ("data.input_pattern", str),
+    "span": ("data.span", int),
+    "pixel_accuracy_threshold": ("evaluation.pixel_accuracy_threshold", float),
+    "epochs": ("train.epochs", int),
+    "image_size": ("transform.image_size", int),
+    "root": ("root", str),
+}
+
+
+@dataclass(frozen=True)
+class Ref:
+    """An input taken from another node: one of its output artifacts, or a resolver's value."""
+
+    node: str
+    output: str | None = None  # None: the node's returned value (resolvers)
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a runner knows at execution time and never part of the cache key."""
+
+    run_id: str
+    inputs: Mapping[str, str | None]  # every input (incl. `context` refs) as a path or value
+    scratch_dir: str  # per-execution folder that survives retries (trainer backups)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step: a component function plus its wiring.
+
+    `inputs`/`outputs` map the function's argument names to refs / artifact types. `context` refs
+    are fingerprinted inputs seen only by `runtime` (the pusher's run record). `params(cfg)` gives
+    the plain, cache-keyed parameters; `runtime(cfg, ctx)` the per-run ones. A resolver has no
+    outputs and returns a value (a path or None), typed `value_type` in ML Metadata.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    params: Callable[[SegpipeConfig], dict[str, Any]]
+    inputs: Mapping[str, Ref] = field(default_factory=dict)
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    context: Mapping[str, Ref] = field(default_factory=dict)
+    runtime: Callable[[SegpipeConfig, NodeContext], dict[str, Any]] | None = None
+    after: tuple[str, ...] = ()  # ordering without data (the validator gates the transform)
+    when: Ref | None = None  # run only if this boolean result is true (the blessing)
+    watch: Callable[[SegpipeConfig], list[str]] | None = None  # external files in the cache key
+    value_type: str | None = None  # resolvers: the artifact type of the returned path
+    gpu: bool = False  # the accelerator node (Kubeflow resources)
+
+    @property
+    def is_resolver(self) -> bool:
+        return self.value_type is not None
+
+
+# ------------------------------------------------------------------ resolvers
+
+
+def latest_blessed_info(serving_dir: str) -> dict[str, Any] | None:
+    """The `segpipe.json` of the highest serving version, or None when nothing was pushed."""
+    from components.pusher import latest_blessed_model
+
+    latest = latest_blessed_model(serving_dir)
+    if latest is None:
+        return None
+    path = Path(latest) / SERVING_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def trained_spans(info: Mapping[str, Any]) -> list[int]:
+    """Spans a pushed model was trained on (the pusher's run_info, wherever it nests it)."""
+    for holder in (info, info.get("run_info") or {}):
+        if holder.get("spans"):
+            return [int(s) for s in holder["spans"]]
+    return []
+
+
+def resolve_previous_statistics(serving_dir: str) -> str | None:
+    """Statistics of the data behind the serving model: the drift baseline for new spans."""
+    info = latest_blessed_info(serving_dir) or {}
+    uri = info.get("statistics_uri") or (info.get("run_info") or {}).get("statistics_uri")
+    return uri if uri and artifacts.is_published(uri) else None
+
+
+def resolve_base_model(serving_dir: str) -> str | None:
+    """The latest blessed model (highest serving version): warm start and evaluation baseline."""
+    from components.pusher import latest_blessed_model
+
+    return latest_blessed_model(serving_dir)
+
+
+# ------------------------------------------------------------------ config -> parameters
+
+
+def data_files(cfg: SegpipeConfig) -> list[str]:
+    """The raw files the next ExampleGen would read: a new or changed file misses the cache."""
+    from components.example_gen import resolve_spans
+
+    spans = resolve_spans(cfg.input_pattern, cfg.data.span, cfg.data.num_spans)
+    return sorted(f for s in spans for f in glob.glob(cfg.input_pattern.replace("{SPAN}", str(s))))
+
+
+def _beam(cfg: SegpipeConfig) -> list[str]:
+    return list(cfg.beam.pipeline_args)
+
+
+def _example_gen_params(cfg: SegpipeConfig) -> dict[str, Any]:
+    return {
+        "input_pattern": cfg.input_pattern,
+        "span": cfg.data.span,
+        "num_spans": cfg.data.num_spans,
+        "splits": dataclasses.asdict(cfg.data.splits),
+        "num_classes": cfg.data.num_classes,
+        "min_image_size": cfg.data.min_image_size,
+        "skip_bad_records": cfg.data.skip_bad_records,
+        "beam_args": _beam(cfg),
+    }
+
+
+def _trainer_params(cfg: SegpipeConfig) -> dict[str, Any]:
+    return {
+        "num_classes": cfg.data.num_classes,
+        "image_size": cfg.transform.image_size,
+        "model_config": dataclasses.asdict(cfg.model),
+        "train_config": dataclasses.asdict(cfg.train),
+    }
+
+
+def _evaluator_params(cfg: SegpipeConfig) -> dict[str, Any]:
+    ev = cfg.evaluation
+    return {
+        "num_classes": cfg.data.num_classes,
+        "pixel_accuracy_threshold": ev.pixel_accuracy_threshold,
+        "min_foreground_iou": ev.min_foreground_iou,
+        "max_regression": ev.max_regression,
+        "num_worst_examples": ev.num_worst_examples,
+        "beam_args": _beam(cfg),
+    }
+
+
+def _pusher_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
+    """The run record stored beside each pushed version (what the resolvers read back)."""
+    examples = ctx.inputs.get("examples")
+    spans = artifacts.read_info(examples).extra.get("spans", []) if examples else []
+    return {
+        "run_info": {
+            "run_id": ctx.run_id,
+            "spans": spans,
+            "statistics_uri": ctx.inputs.get("statistics"),
+            "examples_uri": examples,
+            "code_version": artifacts.code_version(),
+            "pipeline_name": cfg.pipeline_name,
+        }
+    }
+
+
+def _trainer_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
+    return {"backup_dir": ctx.scratch_dir}
+
+
+# ------------------------------------------------------------------ the DAG
+
+
+def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
+    """The segpipe DAG in execution order (each node's inputs come from earlier nodes)."""
+    # Imported here so `segpipe --help` and the runners' machinery stay light.
+    from components.evaluator import evaluate_model
+    from components.example_gen import run_example_gen
+    from components.example_validator import validate_examples
+    from components.pusher import push_model
+    from components.schema_gen import import_schema
+    from components.statistics_gen import generate_statistics
+    from components.trainer import train_model
+    from components.transform import run_transform
+
+    base_model = {"base_model_uri": Ref("latest_model")} if cfg.train.warm_start else {}
+    nodes = [
+        Node(
+            "example_gen",
+            run_example_gen,
+            _example_gen_params,
+            outputs={"examples_uri": artifacts.EXAMPLES},
+            watch=data_files,
+        ),
+        Node(
+            "statistics_gen",
+            generate_statistics,
+            lambda cfg: {"beam_args": _beam(cfg)},
+            inputs={"examples_uri": Ref("example_gen", "examples_uri")},
+            outputs={"statistics_uri": artifacts.STATISTICS},
+        ),
+        Node(
+            "schema_gen",
+            import_schema,
+            lambda cfg: {"schema_path": cfg.schema_path},
+            outputs={"schema_uri": artifacts.SCHEMA},
+            watch=lambda cfg: [cfg.schema_path],
+        ),
+        Node(
+            "previous_statistics",
+            resolve_previous_statistics,
+            lambda cfg: {"serving_dir": cfg.serving_dir},
+            value_type=artifacts.STATISTICS,
+        ),
+        Node(
+            "example_validator",
+            validate_examples,
+            lambda cfg: {
+                "drift_threshold": cfg.validation.drift_threshold,
+                "max_invalid_fraction": cfg.validation.max_invalid_fraction,
+            },
+            inputs={
+                "statistics_uri": Ref("statistics_gen", "statistics_uri"),
+                "schema_uri": Ref("schema_gen", "schema_uri"),
+                "examples_uri": Ref("example_gen", "examples_uri"),
+                "previous_statistics_uri": Ref("previous_statistics"),
+            },
+            outputs={"anomalies_uri": artifacts.ANOMALIES},
+        ),
+        Node(
+            "transform",
+            run_transform,
+            lambda cfg: {
+                "image_size": cfg.transform.image_size,
+                "standardize": cfg.transform.standardize,
+                "num_classes": cfg.data.num_classes,
+                "beam_args": _beam(cfg),
+            },
+            inputs={
+                "examples_uri": Ref("example_gen", "examples_uri"),
+                "schema_uri": Ref("schema_gen", "schema_uri"),
+            },
+            outputs={
+                "transformed_examples_uri": artifacts.TRANSFORMED_EXAMPLES,
+                "transform_graph_uri": artifacts.TRANSFORM_GRAPH,
+            },
+            after=("example_validator",),
+        ),
+        Node(
+            "latest_model",
+            resolve_base_model,
+            lambda cfg: {"serving_dir": cfg.serving_dir},
+            value_type=artifacts.MODEL,
+        ),
+        Node(
+            "trainer",
+            train_model,
+            _trainer_params,
+            inputs={
+                "transformed_examples_uri": Ref("transform", "transformed_examples_uri"),
+                "transform_graph_uri": Ref("transform", "transform_graph_uri"),
+                **base_model,
+            },
+            outputs={"model_uri": artifacts.MODEL, "model_run_uri": artifacts.MODEL_RUN},
+            runtime=_trainer_runtime,
+            gpu=True,
+        ),
+        Node(
+            "evaluator",
+            evaluate_model,
+            _evaluator_params,
+            inputs={
+                "model_uri": Ref("trainer", "model_uri"),
+                "examples_uri": Ref("example_gen", "examples_uri"),
+                "baseline_model_uri": Ref("latest_model"),
+            },
+            outputs={"evaluation_uri": artifacts.MODEL_EVALUATION, "blessing_uri": artifacts.MODEL_BLESSING},
+        ),
+        Node(
+            "pusher",
+            push_model,
+            lambda cfg: {"serving_dir": cfg.serving_dir, "keep_last": cfg.push.keep_last},
+            inputs={
+                "model_uri": Ref("trainer", "model_uri"),
+                "blessing_uri": Ref("evaluator", "blessing_uri"),
+                "evaluation_uri": Ref("evaluator", "evaluation_uri"),
+            },
+            outputs={"pushed_model_uri": artifacts.PUSHED_MODEL},
+            context={
+                "examples": Ref("example_gen", "examples_uri"),
+                "statistics": Ref("statistics_gen", "statistics_uri"),
+            },
+            runtime=_pusher_runtime,
+            when=Ref("evaluator", "blessed"),
+        ),
+    ]
+    check_order(nodes)
+    return nodes
+
+
+def check_order(nodes: list[Node]) -> None:
+    """Every reference points at an earlier node's declared output (a DAG in execution order)."""
+    seen: dict[str, Node] = {}
+    for node in nodes:
+        refs = [*node.inputs.values(), *node.context.values(), *([node.when] if node.when else [])]
+        for ref in refs:
+            source = seen.get(ref.node)
+            if source is None:
+                raise ValueError(f"{node.name}: input from {ref.node!r}, which is not an earlier node")
+            if ref.output is not None and ref is not node.when and ref.output not in source.outputs:
+                raise ValueError(f"{node.name}: {ref.node} has no output {ref.output!r}")
+        for name in node.after:
+            if name not in seen:
+                raise ValueError(f"{node.name}: runs after {name!r}, which is not an earlier node")
+        if node.name in seen:
+            raise ValueError(f"duplicate node name {node.name!r}")
+        seen[node.name] = node
+
+
+def nodes_by_name(nodes: list[Node]) -> dict[str, Node]:
+    return {node.name: node for node in nodes}
+
+
+def execute_node(
+    node: Node,
+    cfg: SegpipeConfig,
+    inputs: Mapping[str, str | None],
+    outputs: Mapping[str, str],
+    ctx: NodeContext,
+) -> Any:
+    """Call the node's component function: the one call both runners make."""
+    kwargs: dict[str, Any] = {**node.params(cfg)}
+    kwargs.update({name: inputs.get(name) for name in node.inputs})
+    kwargs.update(outputs)
+    if node.runtime is not None:
+        kwargs.update(node.runtime(cfg, ctx))
+    return node.fn(**kwargs)

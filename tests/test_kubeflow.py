@@ -1,0 +1,187 @@
+"""Kubeflow Pipelines: the compiled YAML, submit/schedule against a local API stub, and a real
+end-to-end run of the compiled definition with kfp.local's subprocess runner."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.kubeflow import build_pipeline, check_component, compile_pipeline, normalize_cron, parse_toleration
+from pipeline.pipeline import Node, RUN_PARAMETERS, create_pipeline
+
+IMAGE = "registry.example.com/segpipe:1.2.3"
+
+
+@pytest.fixture
+def gpu_cfg(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGPIPE_MYSQL_PASSWORD", "hunter2-not-in-yaml")
+    return load_config(overrides={
+        "root": str(tmp_path / "root"),
+        "metadata.mysql_host": "mysql.internal",
+        "kubeflow.gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"},
+        "kubeflow.gpu_tolerations": ["nvidia.com/gpu:NoSchedule", "pool=gpu:NoExecute"],
+        "kubeflow.accelerator_type": "nvidia.com/gpu",
+        "kubeflow.accelerator_limit": 2,
+    })
+
+
+def _compiled(cfg, path: Path) -> tuple[dict, dict, str]:
+    compile_pipeline(cfg, str(path), image=IMAGE)
+    text = path.read_text()
+    spec, platform = list(yaml.safe_load_all(text))
+    return spec, platform, text
+
+
+def test_compiled_yaml_carries_image_gpu_tolerations_retries_and_parameters(gpu_cfg, tmp_path):
+    spec, platform, text = _compiled(gpu_cfg, tmp_path / "pipeline.yaml")
+    executors = spec["deploymentSpec"]["executors"]
+    node_names = [n.name for n in create_pipeline(gpu_cfg)]
+    assert {f"exec-{n.replace('_', '-')}" for n in node_names} | {"exec-make-config"} == set(executors)
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == IMAGE, name
+        assert "pip install" not in " ".join(container["command"]), name  # nothing installed at run time
+        assert container["resources"]["cpuRequest"] > 0 and container["resources"]["memoryRequest"] > 0, name
+    trainer = executors["exec-trainer"]["container"]["resources"]
+    assert trainer["accelerator"]["resourceType"] == "nvidia.com/gpu" and trainer["accelerator"]["resourceCount"] == "2"
+    assert trainer["cpuRequest"] == 4.0
+    assert "accelerator" not in executors["exec-transform"]["container"]["resources"]
+
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {"exec-trainer"}  # only the trainer goes to the GPU pool
+    assert k8s["exec-trainer"]["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    assert k8s["exec-trainer"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"},
+    ]
+
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["trainer"]["retryPolicy"]["maxRetryCount"] == 2
+    assert tasks["trainer"]["retryPolicy"]["backoffDuration"] == "60s"
+    assert tasks["trainer"]["cachingOptions"] == {"enableCache": True}
+    assert tasks["latest-model"]["cachingOptions"] == {}  # resolvers read the serving dir: never cached
+    assert set(tasks["transform"]["dependentTasks"]) >= {"example-validator", "example-gen", "schema-gen"}
+
+    # The Pusher sits under the blessing condition.
+    [condition] = [t for name, t in tasks.items() if name.startswith("condition-")]
+    assert "evaluator-blessed" in condition["triggerPolicy"]["condition"]
+    pusher_dag = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(pusher_dag) == ["pusher"]
+
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(params) == {"profile", *RUN_PARAMETERS}
+    assert params["span"]["defaultValue"] == -1 and params["epochs"]["defaultValue"] == gpu_cfg.train.epochs
+    assert params["pixel_accuracy_threshold"]["parameterType"] == "NUMBER_DOUBLE"
+
+    assert "hunter2-not-in-yaml" not in text
+    assert "password" not in text.lower().replace("mysql_password_env", "")
+
+
+def test_local_build_leaves_out_the_condition(gpu_cfg):
+    local = build_pipeline(gpu_cfg, image=IMAGE, with_condition=False)
+    spec = local.pipeline_spec
+    assert "pusher" in spec.root.dag.tasks
+    assert not any(name.startswith("condition-") for name in spec.root.dag.tasks)
+    assert not spec.root.dag.tasks["pusher"].trigger_policy.condition
+
+
+def test_component_signatures_must_match_their_nodes(gpu_cfg):
+    from kfp import dsl
+
+    from pipeline import kubeflow
+
+    trainer = {n.name: n for n in create_pipeline(gpu_cfg)}["trainer"]
+    component = dsl.component(kubeflow.trainer, base_image=IMAGE, install_kfp_package=False)
+    check_component(trainer, component)  # the real pair matches
+    drifted = Node(trainer.name, trainer.fn, trainer.params, inputs=trainer.inputs,
+                   outputs={**trainer.outputs, "extra_uri": "Model"})
+    with pytest.raises(ValueError, match="do not match node trainer"):
+        check_component(drifted, component)
+
+
+def test_tolerations_and_cron_are_parsed_strictly():
+    assert parse_toleration("dedicated=gpu:NoSchedule") == {
+        "key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}
+    with pytest.raises(ValueError, match="key\\[=value\\]:Effect"):
+        parse_toleration("nvidia.com/gpu")
+    assert normalize_cron("0 3 * * *") == "0 0 3 * * *"
+    assert normalize_cron("30 0 3 * * 1") == "30 0 3 * * 1"
+
+
+# ------------------------------------------------------------------ submit / schedule against a stub
+
+
+def test_submit_posts_the_compiled_run_with_token_and_parameters(kfp_stub_server, tmp_path, monkeypatch, capsys):
+    url, requests, _ = kfp_stub_server
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", "token-abc")
+    code = main(["submit", "--host", url, "--namespace", "team-a", "--experiment", "nightly",
+                 "--root", str(tmp_path), "--image", IMAGE, "--param", "span=3", "--param", "epochs=2"])
+    assert code == 0
+    assert "submitted run run-1" in capsys.readouterr().out
+    [run] = [r for r in requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs"]
+    assert run["auth"] == "Bearer token-abc"
+    assert run["body"]["experiment_id"] == "exp-1"
+    assert run["body"]["runtime_config"]["parameters"] == {"span": 3, "epochs": 2}
+    pipeline_spec = run["body"]["pipeline_spec"]["pipeline_spec"]
+    assert pipeline_spec["deploymentSpec"]["executors"]["exec-trainer"]["container"]["image"] == IMAGE
+    [experiment] = [r for r in requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/experiments"]
+    assert experiment["body"] == {"display_name": "nightly", "namespace": "team-a"}
+
+
+def test_schedule_creates_a_recurring_run(kfp_stub_server, tmp_path, capsys):
+    url, requests, _ = kfp_stub_server
+    code = main(["schedule", "--host", url, "--cron", "0 3 * * *", "--root", str(tmp_path), "--name", "retrain"])
+    assert code == 0
+    assert "scheduled recurring run recurring-1" in capsys.readouterr().out
+    [made] = [r for r in requests if r["path"] == "/apis/v2beta1/recurringruns"]
+    assert made["body"]["display_name"] == "retrain"
+    assert made["body"]["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * *"
+    assert made["body"]["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "segpipe"
+
+
+def test_submit_reports_a_refusal_in_one_line(kfp_stub_server, tmp_path, capsys):
+    url, _, refuse = kfp_stub_server
+    refuse.append("/apis/v2beta1/runs")
+    code = main(["submit", "--host", url, "--namespace", "x", "--root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"segpipe: Kubeflow Pipelines at {url} refused the request: HTTP 403 Forbidden"
+
+
+def test_submit_reports_an_unreachable_host_in_one_line(tmp_path, capsys):
+    with socket.socket() as sock:  # a port that was just free: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = main(["submit", "--host", f"http://127.0.0.1:{port}", "--namespace", "x", "--root", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == f"segpipe: cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}: Connection refused"
+
+
+# ------------------------------------------------------------------ the compiled pipeline, really run
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_runs_end_to_end_with_kfp_local(tmp_path, write_tiny_span, tiny_pipeline_overrides):
+    from kfp import local
+
+    root = tmp_path / "root"
+    write_tiny_span(root / "data", 1, num=32, size=(32, 32))
+    cfg = load_config(overrides=tiny_pipeline_overrides(root))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    pipeline = build_pipeline(cfg, with_condition=False)
+    pipeline(root=str(root))
+
+    serving = root / "serving"
+    assert sorted(p.name for p in serving.iterdir() if not p.name.startswith(".")) == ["1"]
+    info = json.loads((serving / "1" / "segpipe.json").read_text())
+    assert info["spans"] == [1]
+    assert Path(info["run_info"]["statistics_uri"]).is_relative_to(tmp_path / "kfp")
+    assert (serving / "1" / "saved_model.pb").is_file() and (serving / "1" / "model.keras").is_file()
+    blessing = next((tmp_path / "kfp").rglob("blessing/blessing.json"))
+    assert json.loads(blessing.read_text())["blessed"] is True
