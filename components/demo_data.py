@@ -12,6 +12,7 @@ vectorised transcendental functions), so a seed gives byte-identical files on an
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -158,10 +159,12 @@ def generate_example(
         centre_y, centre_x = (float(a.mean()) for a in np.nonzero(obj))
         pattern = _texture(rng, TEXTURES[int(rng.integers(len(TEXTURES)))], height, width, (centre_x, centre_y))
         tone_a, tone_b = _object_colours(rng)
-        image = np.where(obj[..., None], np.where(pattern[..., None], tone_a, tone_b), image)
-    image = image + rng.normal(0.0, rng.uniform(3.0, 8.0), size=image.shape).astype(np.float32)
+        image[obj & pattern] = tone_a
+        image[obj & ~pattern] = tone_b
+    noise = rng.standard_normal(size=image.shape, dtype=np.float32)
+    image += noise * np.float32(rng.uniform(3.0, 8.0))
     mask = np.logical_or.reduce(masks).astype(np.uint8)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask
+    return np.clip(np.rint(image, out=image), 0, 255, out=image).astype(np.uint8), mask
 
 
 def demo_example_id(seed: int, index: int) -> str:
@@ -176,6 +179,34 @@ def iter_demo_examples(num: int, seed: int) -> Iterator[tuple[str, np.ndarray, n
         yield demo_example_id(seed, index), image, mask
 
 
+def _encoded_example(seed: int, index: int) -> tuple[str, bytes, bytes, float]:
+    """(id, image PNG, mask PNG, foreground fraction) of example `index`: the unit of parallel work."""
+    rng = np.random.default_rng([seed, index])
+    image, mask = generate_example(rng)
+    return demo_example_id(seed, index), encode_png(image), encode_png(mask), float(mask.mean())
+
+
+def iter_encoded_examples(num: int, seed: int, workers: int = 1) -> Iterator[tuple[str, bytes, bytes, float]]:
+    """`_encoded_example` for 0..num-1 in order, in `workers` spawned processes when > 1.
+
+    Each example depends only on (seed, index), so the output is the same for any `workers`.
+    """
+    if workers <= 1:
+        yield from (_encoded_example(seed, index) for index in range(num))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may already hold TensorFlow's threads
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(_encoded_example, itertools.repeat(seed, num), range(num), chunksize=16)
+
+
+def default_workers(num: int) -> int:
+    """Processes for `num` examples: one per CPU (at most 8), one for small jobs."""
+    return 1 if num < 200 else max(1, min(8, os.cpu_count() or 1))
+
+
 def write_demo_data(
     data_root: str | os.PathLike,
     *,
@@ -184,6 +215,7 @@ def write_demo_data(
     span: int | None = None,
     num_shards: int | None = None,
     compress: bool = True,
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Write `num` demo examples as `<data_root>/span-<span>/` plus labels.json.
@@ -198,13 +230,16 @@ def write_demo_data(
     span = next_span(data_root) if span is None else span
     seed = span if seed is None else seed
     num_shards = num_shards or max(1, num // 500)
+    workers = default_workers(num) if workers is None else workers
     fractions: list[float] = []
 
     def records() -> Iterator[bytes]:
-        examples = iter_demo_examples(num, seed)
-        for example_id, image, mask in tqdm(examples, total=num, desc=f"demo span-{span}", disable=not progress):
-            fractions.append(float(mask.mean()))
-            yield encode_example(example_id, encode_png(image), encode_png(mask))
+        examples = iter_encoded_examples(num, seed, workers)
+        for example_id, image_png, mask_png, fraction in tqdm(
+            examples, total=num, desc=f"demo span-{span}", disable=not progress
+        ):
+            fractions.append(fraction)
+            yield encode_example(example_id, image_png, mask_png)
 
     path, count = write_span(data_root, span, records(), num_shards=num_shards, compress=compress)
     write_labels(data_root, LABELS)

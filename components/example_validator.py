@@ -18,7 +18,6 @@ summary and the report's path.
 from __future__ import annotations
 
 import html
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,7 +55,7 @@ class Finding:
     def line(self) -> str:
         what = f"{self.kind} [{self.split}{'/' + self.feature if self.feature else ''}]"
         count = f" x{self.count}" if self.count is not None else ""
-        ids = f" ids: {', '.join(self.example_ids)}" if self.example_ids else ""
+        ids = f"; ids: {', '.join(self.example_ids)}" if self.example_ids else ""
         level = "ERROR" if self.blocking else "note"
         return f"{level} {what}{count}: {self.description}{ids}"
 

@@ -290,7 +290,7 @@ class SegmentationMetric(keras.metrics.Metric):
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         batch = confusion_counts(y_true, y_pred, self.num_classes)
         for key, variable in self.counts.items():
-            variable.assign(variable + batch[key])
+            variable.assign_add(batch[key])  # per-replica copies, summed on read under tf.distribute
 
     def result(self) -> Any:
         return self.result_fns[self.kind]({k: ops.convert_to_tensor(v) for k, v in self.counts.items()})

@@ -65,8 +65,11 @@ def _image_decoder() -> Any:
         def get_sizes(self, values: np.ndarray) -> np.ndarray:
             sizes = []
             for value in values:
-                with Image.open(io.BytesIO(bytes(value))) as img:
-                    sizes.append((img.height, img.width))
+                try:
+                    with Image.open(io.BytesIO(bytes(value))) as img:
+                        sizes.append((img.height, img.width))
+                except Exception:  # a broken image with a valid signature: no size to report
+                    sizes.append((0, 0))
             return np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
 
     return PilImageDecoder()

@@ -444,10 +444,11 @@ def train_model(
         "parameters": int(serving.count_params()),
         "counts": {split: split_count(transformed_examples_uri, split) for split in files},
     }
+    parameters = {"model_config": dict(model_config), "train_config": dict(train_config),
+                  "num_classes": num_classes, "image_size": image_size}
     publish_outputs(serving, history, summary, transformed_examples_uri, transform_graph_uri, model_uri, model_run_uri,
                     backup=backup, base_model_uri=base_model_uri, image_size=image_size, num_classes=num_classes,
-                    parameters={"model_config": dict(model_config), "train_config": dict(train_config),
-                                "num_classes": num_classes, "image_size": image_size})
+                    parameters=parameters)
     shutil.rmtree(backup, ignore_errors=True)
     log.info("trained %d epoch(s); best epoch %d: %s", summary["epochs"], summary["best_epoch"], summary["metrics"])
     return summary
@@ -497,14 +498,10 @@ def publish_outputs(
     """Model (SavedModel + model.keras) and ModelRun (logs, history, curves), both or neither."""
     from components.export import export_serving_model
 
-    inputs = (transformed_examples_uri, transform_graph_uri, base_model_uri)
-    with artifacts.publish(model_uri, artifacts.MODEL, producer="Trainer", parameters=parameters, inputs=inputs) as (
-        model_dir,
-        model_info,
-    ), artifacts.publish(model_run_uri, artifacts.MODEL_RUN, producer="Trainer", parameters=parameters, inputs=inputs) as (
-        run_dir,
-        run_info,
-    ):
+    common = {"producer": "Trainer", "parameters": parameters,
+              "inputs": (transformed_examples_uri, transform_graph_uri, base_model_uri)}
+    with artifacts.publish(model_uri, artifacts.MODEL, **common) as (model_dir, model_info), \
+            artifacts.publish(model_run_uri, artifacts.MODEL_RUN, **common) as (run_dir, run_info):
         export_serving_model(serving, transform_graph_uri, model_dir / artifacts.SAVED_MODEL_DIR,
                              image_size=image_size, num_classes=num_classes)
         serving.save(str(model_dir / artifacts.KERAS_MODEL_FILE))

@@ -336,19 +336,28 @@ def _run_pipeline_cmd(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _run_runs_cmd(args: argparse.Namespace) -> int:
-    import time
+def _existing_metadata(args: argparse.Namespace):
+    """The root's ML Metadata store; a read command never creates one on a root without runs."""
+    from pathlib import Path
 
     from pipeline.metadata import Metadata
 
-    runs = Metadata.from_config(config_from_args(args)).list_runs()[: args.limit]
+    cfg = config_from_args(args)
+    if not cfg.metadata.mysql_host and not Path(cfg.sqlite_path).is_file():
+        raise BadInputError(f"{cfg.sqlite_path}: no ML Metadata store (no run on this pipeline root yet)")
+    return Metadata.from_config(cfg)
+
+
+def _run_runs_cmd(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    runs = _existing_metadata(args).list_runs()[: args.limit]
     if not runs:
         print("no runs recorded")
         return EXIT_OK
     print(f"{'run':32}  {'started':19}  {'status':12}  {'secs':>6}  {'blessed':7}  {'pix_acc':>7}  {'fg_iou':>7}  version")
     for run in runs:
-        import json
-
         metrics = json.loads(run["metrics"]) if isinstance(run.get("metrics"), str) else {}
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(run.get("started", 0)))
         blessed = {True: "yes", False: "no"}.get(run.get("blessed"), "-")
@@ -361,9 +370,7 @@ def _run_runs_cmd(args: argparse.Namespace) -> int:
 def _run_lineage_cmd(args: argparse.Namespace) -> int:
     import json
 
-    from pipeline.metadata import Metadata
-
-    meta = Metadata.from_config(config_from_args(args))
+    meta = _existing_metadata(args)
     artifact = meta.find_artifact(args.artifact)
     if artifact is None:
         raise BadInputError(f"{args.artifact}: no such artifact id or path in ML Metadata")
@@ -524,12 +531,52 @@ def _add_schema_commands(sub: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ registration
 
 # Each capability appends its own registrar here.
+def _run_train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from components.artifacts import fingerprint
+    from components.trainer import train_model
+
+    cfg = config_from_args(args)
+    key = fingerprint(str(Path(args.transformed).resolve()), str(Path(args.model).resolve()), cfg.as_dict())
+    backup_dir = args.backup_dir or str(Path(cfg.root) / ".trainer_backups" / f"cli-{key[:16]}")
+    result = train_model(
+        args.transformed,
+        args.transform_graph,
+        args.model,
+        args.model_run,
+        base_model_uri=args.base_model,
+        backup_dir=backup_dir,
+        num_classes=cfg.data.num_classes,
+        image_size=cfg.transform.image_size,
+        model_config=dataclasses.asdict(cfg.model),
+        train_config=dataclasses.asdict(cfg.train),
+    )
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def _add_train_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="run the trainer on existing Transform outputs (resumes if killed)")
+    p.add_argument("--transformed", required=True, metavar="DIR", help="TransformedExamples artifact")
+    p.add_argument("--transform-graph", required=True, metavar="DIR", help="TransformGraph artifact")
+    p.add_argument("--model", required=True, metavar="DIR", help="output Model artifact")
+    p.add_argument("--model-run", required=True, metavar="DIR", help="output ModelRun artifact (logs, curves)")
+    p.add_argument("--base-model", metavar="DIR", help="warm start from this Model artifact or serving version")
+    p.add_argument("--backup-dir", metavar="DIR", help="resume state; default <root>/.trainer_backups/cli-<key>")
+    add_config_options(p)
+    p.set_defaults(handler=_run_train)
+
+
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config_commands,
     _add_data_commands,
     _add_serving_commands,
     _add_pipeline_commands,
     _add_schema_commands,
+    _add_train_commands,
 ]
 
 
@@ -572,6 +619,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SegpipeError as exc:
         print(f"segpipe: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: an internal failure, traceback
+            raise
+        # An output folder that cannot be created or written (read-only, a file in the way, ...).
+        print(f"segpipe: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("segpipe: interrupted", file=sys.stderr)
         return 130

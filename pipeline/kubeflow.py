@@ -22,7 +22,16 @@ from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components import artifacts
 from pipeline.config import SegpipeConfig, load_config, with_overrides
-from pipeline.pipeline import RUN_PARAMETERS, Node, NodeContext, create_pipeline, execute_node, nodes_by_name
+from pipeline.pipeline import (
+    RUN_PARAMETERS,
+    Node,
+    NodeContext,
+    artifact_name,
+    create_pipeline,
+    execute_node,
+    nodes_by_name,
+    scratch_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +73,17 @@ def run_node(name: str, config: str, **arguments: Any) -> str:
     if node.is_resolver:
         return node.fn(**node.params(cfg)) or ""
     paths = {key: _as_path_or_value(value) for key, value in arguments.items()}
-    inputs = {arg: paths.get(kfp_name(arg)) for arg in node.inputs}
+    inputs = {arg: paths.get(artifact_name(arg)) for arg in node.inputs}
     inputs.update({key: paths.get(key) for key in node.context})
-    outputs = {arg: paths[kfp_name(arg)] for arg in node.outputs}
+    outputs = {arg: paths[artifact_name(arg)] for arg in node.outputs}
     key = artifacts.fingerprint(name, node.params(cfg), artifacts.code_version(),
                                 artifacts.input_fingerprint(*[inputs[k] for k in sorted(inputs)]))
     ctx = NodeContext(
         run_id=arguments.get("run_id") or "kfp",
         inputs=inputs,
-        scratch_dir=str(Path(cfg.root) / ".trainer_backups" / key[:16]),
+        scratch_dir=scratch_dir(cfg, key),
     )
     return json.dumps(execute_node(node, cfg, inputs, outputs, ctx), default=str, sort_keys=True)
-
-
-def kfp_name(argument: str) -> str:
-    """`examples_uri` -> `examples`: a node argument's input/output name in KFP."""
-    return argument[: -len("_uri")] if argument.endswith("_uri") else argument
 
 
 # ------------------------------------------------------------------ one lightweight component per node
@@ -182,8 +186,8 @@ COMPONENT_FUNCTIONS: dict[str, Callable[..., Any]] = {
 
 def node_io_names(node: Node) -> tuple[set[str], set[str]]:
     """The KFP input and output names a node's component must declare (besides `config`)."""
-    inputs = {kfp_name(a) for a in node.inputs} | set(node.context)
-    return inputs, {kfp_name(a) for a in node.outputs}
+    inputs = {artifact_name(a) for a in node.inputs} | set(node.context)
+    return inputs, {artifact_name(a) for a in node.outputs}
 
 
 def check_component(node: Node, component: Any) -> None:
@@ -223,7 +227,7 @@ def parse_toleration(text: str) -> dict[str, Optional[str]]:
     return {"key": key, "operator": "Equal" if sep else "Exists", "value": value if sep else None, "effect": effect}
 
 
-def apply_resources(task: dsl.PipelineTask, node: Node, cfg: SegpipeConfig, *, resolver: bool) -> None:
+def apply_resources(task: "dsl.PipelineTask", node: Node, cfg: SegpipeConfig, *, resolver: bool) -> None:
     """CPU/memory on every task; GPU, node selector and tolerations on the trainer; retries; caching."""
     from kfp import kubernetes
 
@@ -273,8 +277,8 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
             arguments: dict[str, Any] = {"config": config_task.output}
             for argument, ref in [*node.inputs.items(), *node.context.items()]:
                 source = tasks[ref.node]
-                name = kfp_name(argument) if argument in node.inputs else argument
-                arguments[name] = source.outputs[kfp_name(ref.output)] if ref.output else source.output
+                name = artifact_name(argument) if argument in node.inputs else argument
+                arguments[name] = source.outputs[artifact_name(ref.output)] if ref.output else source.output
             for name in set(components[node.name].component_spec.inputs) - set(arguments):
                 # The run id for the pusher's record; "" for an input this config leaves out (warm start off).
                 arguments[name] = dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == "run_id" else ""

@@ -29,16 +29,17 @@ from pipeline.pipeline import (
     SERVING_INFO_FILE,
     Node,
     NodeContext,
+    artifact_name,
     create_pipeline,
     execute_node,
     latest_blessed_info,
+    scratch_dir,
     trained_spans,
 )
 
 log = logging.getLogger(__name__)
 
 ARTIFACTS_DIR = "artifacts"
-BACKUPS_DIR = ".trainer_backups"
 RESULT_FILE = "result.json"
 ROOT_LOCK = ".segpipe.lock"
 SERVING_MODEL_TYPE = "ServingModel"
@@ -111,11 +112,6 @@ def value_fingerprint(value: str | None) -> str:
 
 def is_complete(exec_dir: Path, outputs: Mapping[str, str]) -> bool:
     return (exec_dir / RESULT_FILE).is_file() and all(artifacts.is_published(u) for u in outputs.values())
-
-
-def output_name(argument: str) -> str:
-    """`examples_uri` -> `examples`: the folder (and Kubeflow output) name of an output argument."""
-    return argument[: -len("_uri")] if argument.endswith("_uri") else argument
 
 
 # ------------------------------------------------------------------ the run
@@ -199,14 +195,14 @@ class LocalRunner:
         inputs, input_refs, input_prints = self._inputs(node)
         key = self._execution_key(node, params, input_prints)
         exec_dir = self.root / ARTIFACTS_DIR / node.name / key[:16]
-        outputs = {arg: str(exec_dir / output_name(arg)) for arg in node.outputs}
+        outputs = {arg: str(exec_dir / artifact_name(arg)) for arg in node.outputs}
         base = {"fingerprint": key, "parameters": params, "code_version": self.code_version}
         with file_lock(self.root / ARTIFACTS_DIR / node.name / f".{key[:16]}.lock"):
             if not self.no_cache and is_complete(exec_dir, outputs):
                 state, result = "cached", json.loads((exec_dir / RESULT_FILE).read_text())
             else:
                 state = "done"
-                ctx = NodeContext(self.run_id, inputs, str(self.root / BACKUPS_DIR / key[:16]))
+                ctx = NodeContext(self.run_id, inputs, scratch_dir(self.cfg, key))
                 try:
                     result = execute_node(node, self.cfg, inputs, outputs, ctx)
                 except BaseException as exc:

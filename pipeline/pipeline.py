@@ -26,6 +26,7 @@ from pipeline.config import SegpipeConfig
 log = logging.getLogger(__name__)
 
 SERVING_INFO_FILE = "segpipe.json"  # written by the pusher into every serving version
+BACKUPS_DIR = ".trainer_backups"  # under the pipeline root: BackupAndRestore state per execution
 
 # Run parameters: what a user changes per run (CLI flags locally, pipeline parameters on Kubeflow),
 # mapped to the config field each one sets. `span` -1 means "the latest span".
@@ -336,6 +337,16 @@ def check_order(nodes: list[Node]) -> None:
         if node.name in seen:
             raise ValueError(f"duplicate node name {node.name!r}")
         seen[node.name] = node
+
+
+def artifact_name(argument: str) -> str:
+    """`examples_uri` -> `examples`: an output's folder name locally and its input/output name in KFP."""
+    return argument[: -len("_uri")] if argument.endswith("_uri") else argument
+
+
+def scratch_dir(cfg: SegpipeConfig, execution_key: str) -> str:
+    """Per-execution folder that outlives retries and reruns (the trainer's backups)."""
+    return str(Path(cfg.root) / BACKUPS_DIR / execution_key[:16])
 
 
 def nodes_by_name(nodes: list[Node]) -> dict[str, Node]:

@@ -27,8 +27,9 @@ def _files(folder) -> dict[str, bytes]:
 
 
 def test_same_seed_gives_byte_identical_spans_and_other_seeds_differ(tmp_path):
-    first = write_demo_data(tmp_path / "a", num=6, seed=11, span=4, num_shards=2, progress=False)
-    second = write_demo_data(tmp_path / "b", num=6, seed=11, span=4, num_shards=2, progress=False)
+    first = write_demo_data(tmp_path / "a", num=6, seed=11, span=4, num_shards=2, workers=1, progress=False)
+    # two worker processes produce the very same bytes
+    second = write_demo_data(tmp_path / "b", num=6, seed=11, span=4, num_shards=2, workers=2, progress=False)
     other = write_demo_data(tmp_path / "c", num=6, seed=12, span=4, num_shards=2, progress=False)
     a, b, c = (_files(tmp_path / name / "span-4") for name in "abc")
     assert first["count"] == 6 and len(a) == 2

@@ -191,45 +191,34 @@ def test_invalid_examples_are_quarantined_with_reasons(tmp_path):
     assert reasons == {k: list(expected.values()).count(k) for k in set(expected.values())}
 
 
-def _bad_span(root: Path, case: str) -> tuple[Path, str]:
-    """A span with one bad-input case; returns (the file to blame, the record index to name)."""
-    folder = span_dir(root, 1)
+def _write_bad_files(folder: Path) -> dict[str, str]:
+    """One file per bad-input case beside a good one; returns {file name: what the error must say}."""
     folder.mkdir(parents=True)
-    good = [_good_record(f"g-{i}", seed=i) for i in range(4)]
-    _write_raw_tfrecord(folder / "part-00000-of-00002.tfrecord", good)
-    target = folder / "part-00001-of-00002.tfrecord"
-    if case == "not_tfrecord":
-        target.write_text("id,image,mask\n1,cat.png,cat_mask.png\n")
-        return target, "record 0: not a TFRecord file"
-    if case == "truncated":  # a GZIP shard cut in half, as by an interrupted copy
-        target = target.with_suffix(".tfrecord.gz")
-        records = [_good_record(f"t-{i}", seed=10 + i) for i in range(3)]
-        _write_raw_tfrecord(target, records)
-        compressed = gzip.compress(target.read_bytes())
-        target.write_bytes(compressed[: len(compressed) // 2])
-        return target, "record "
-    if case == "bad_crc":
-        records = [_good_record(f"c-{i}", seed=10 + i) for i in range(3)]
-        offsets = _write_raw_tfrecord(target, records)
-        data = bytearray(target.read_bytes())
-        data[offsets[1] + 12 + 30] ^= 0xFF
-        target.write_bytes(bytes(data))
-        return target, "record 1: corrupted record (bad data checksum)"
-    if case == "not_example":
-        _write_raw_tfrecord(target, [_good_record("n-0", seed=20), b"\xff\xfe definitely not a proto"])
-        return target, "record 1: not a tf.train.Example"
-    if case == "duplicate_id":
-        _write_raw_tfrecord(target, [_good_record("d-0", seed=30), _good_record("g-2", seed=31)])
-        return target, "record 1: duplicate id 'g-2'"
-    raise AssertionError(case)
+    _write_raw_tfrecord(folder / "good.tfrecord", [_good_record(f"g-{i}", seed=i) for i in range(4)])
+    (folder / "csv.tfrecord").write_text("id,image,mask\n1,cat.png,cat_mask.png\n")
+    truncated = folder / "cut.tfrecord.gz"  # a GZIP shard cut in half, as by an interrupted copy
+    _write_raw_tfrecord(truncated, [_good_record(f"t-{i}", seed=10 + i) for i in range(3)])
+    compressed = gzip.compress(truncated.read_bytes())
+    truncated.write_bytes(compressed[: len(compressed) // 2])
+    offsets = _write_raw_tfrecord(folder / "crc.tfrecord", [_good_record(f"c-{i}", seed=20 + i) for i in range(3)])
+    data = bytearray((folder / "crc.tfrecord").read_bytes())
+    data[offsets[1] + 12 + 30] ^= 0xFF
+    (folder / "crc.tfrecord").write_bytes(bytes(data))
+    _write_raw_tfrecord(folder / "proto.tfrecord", [_good_record("n-0", seed=30), b"\xff\xfe definitely not a proto"])
+    # Of two records with one id, the later one (by file path, then index) is the duplicate.
+    _write_raw_tfrecord(folder / "z-dup.tfrecord", [_good_record("d-0", seed=40), _good_record("g-2", seed=41)])
+    return {
+        "csv.tfrecord": "record 0: not a TFRecord file",
+        "cut.tfrecord.gz": "record 1: unreadable GZIP stream",
+        "crc.tfrecord": "record 1: corrupted record (bad data checksum)",
+        "proto.tfrecord": "record 1: not a tf.train.Example",
+        "z-dup.tfrecord": f"record 1: duplicate id 'g-2' (first seen in {folder / 'good.tfrecord'} record 2)",
+    }
 
 
-BAD_CASES = ["not_tfrecord", "truncated", "bad_crc", "not_example", "duplicate_id"]
-
-
-@pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_fails_naming_file_and_record_and_publishes_nothing(tmp_path, case):
-    target, expected = _bad_span(tmp_path / "data", case)
+def test_every_bad_input_case_is_named_by_file_and_record_and_nothing_is_published(tmp_path):
+    folder = span_dir(tmp_path / "data", 1)
+    expected = _write_bad_files(folder)
     examples_uri = tmp_path / "out" / "examples"
     examples_uri.parent.mkdir()
 
@@ -237,7 +226,9 @@ def test_bad_input_fails_naming_file_and_record_and_publishes_nothing(tmp_path, 
         run_example_gen(_pattern(tmp_path / "data"), str(examples_uri))
 
     message = str(raised.value)
-    assert str(target) in message and expected in message and "nothing published" in message
+    assert message.startswith("5 bad record(s), nothing published")
+    for name, problem in expected.items():
+        assert f"{folder / name} {problem}" in message
     _assert_nothing_published(examples_uri)
 
 

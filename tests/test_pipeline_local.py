@@ -141,6 +141,25 @@ def test_failed_run_is_recorded_and_resumes_at_the_failed_step(tmp_path):
     assert calls.counts == {"make": 1, "double": 2, "ship": 1, "find_previous": 2}
 
 
+def test_data_anomaly_keeps_the_anomalies_artifact_and_exits_2(tmp_path):
+    def gate(anomalies_uri: str) -> dict:
+        with artifacts.publish(anomalies_uri, artifacts.ANOMALIES, producer="gate") as (tmp, _):
+            (tmp / artifacts.ANOMALIES_FILE).write_text("drift in mask")
+        raise DataAnomalyError(f"{anomalies_uri}: 1 anomaly (drift in mask)")
+
+    cfg = tiny_cfg(tmp_path)
+    nodes = [Node("gate", gate, lambda cfg: {}, outputs={"anomalies_uri": artifacts.ANOMALIES})]
+    with pytest.raises(DataAnomalyError) as raised:
+        run_pipeline(cfg, nodes=nodes)
+    assert raised.value.exit_code == 2
+    meta = md.Metadata.from_config(cfg)
+    [run] = meta.list_runs()
+    assert run["status"] == "bad_input" and "drift in mask" in run["message"]
+    [execution] = meta.run_executions(run["run_id"])
+    assert execution["state"] == "FAILED"
+    assert Path(execution["outputs"]["anomalies_uri"], artifacts.ANOMALIES_FILE).read_text() == "drift in mask"
+
+
 def test_condition_false_skips_the_step(tmp_path):
     calls = Calls()
     result = run_pipeline(tiny_cfg(tmp_path, **{"train.epochs": 1}), nodes=fake_nodes(calls))  # sum([0]) == 0
@@ -187,6 +206,29 @@ def test_gc_keeps_recent_runs_and_frees_old_artifacts(tmp_path):
     kept = states(run_pipeline(tiny_cfg(tmp_path), nodes=fake_nodes(calls)))
     assert (kept["make"], kept["double"], kept["ship"]) == ("cached", "cached", "cached")
     assert states(run_pipeline(tiny_cfg(tmp_path, **{"train.epochs": 4}), nodes=fake_nodes(calls)))["make"] == "done"
+
+
+def test_gc_and_runs_commands(tmp_path, capsys):
+    from pipeline.cli import main
+
+    calls = Calls()
+    run_pipeline(tiny_cfg(tmp_path, **{"train.epochs": 4}), nodes=fake_nodes(calls))
+    run_pipeline(tiny_cfg(tmp_path), nodes=fake_nodes(calls))
+    assert main(["gc", "--keep", "1", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("removed ") == 3 and "in 3 artifact(s)" in out
+    freed = int(out.split("freed ", 1)[1].split()[0])
+    assert freed > 0
+    assert main(["gc", "--keep", "1", "--root", str(tmp_path)]) == 0
+    assert "freed 0 bytes" in capsys.readouterr().out  # nothing left to collect
+
+    assert main(["runs", "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count(" done ") == 2
+
+    empty = tmp_path / "empty"
+    assert main(["runs", "--root", str(empty)]) == 2
+    assert "no ML Metadata store" in capsys.readouterr().err
+    assert not empty.exists()  # a read command creates nothing
 
 
 def test_check_order_rejects_forward_references():

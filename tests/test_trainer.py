@@ -183,3 +183,16 @@ def test_precision_policy_choice_on_cpu():
     assert trainer.select_precision("auto") == "float32"
     assert trainer.select_precision("on") == "mixed_float16"
     assert trainer.select_precision("off") == "float32"
+
+
+def test_cli_train_reports_bad_input_with_exit_code_2(tiny_transform, tmp_path, capsys):
+    from pipeline.cli import main
+
+    code = main([
+        "train", "--transformed", str(tiny_transform["transformed"]), "--transform-graph", str(tiny_transform["graph"]),
+        "--model", str(tmp_path / "model"), "--model-run", str(tmp_path / "run"), "--root", str(tmp_path / "root"),
+        "--set", "transform.image_size=64", "--set", "model.depth=2",
+    ])
+    assert code == 2
+    assert "image_size 64 needs 12288" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
