@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         pattern = str(work / f"data-{num}" / "span-{SPAN}" / "*.tfrecord*")
         for mode, beam_args in RUNNER_MODES.items():
             r = measure(pattern, work / f"examples-{mode}", beam_args)
-            log.info("%-20s %6.1f s  %6.0f images/s  parent peak %.0f MiB, workers peak %.0f MiB",
-                     mode, r["seconds"], num / r["seconds"], r["peak_mb"], r["workers_peak_mb"])
+            workers = f", worker peak {r['workers_peak_mb']:.0f} MiB" if "processing" in mode else ""
+            log.info("%-20s %6.1f s  %6.0f images/s  peak %.0f MiB%s",
+                     mode, r["seconds"], num / r["seconds"], r["peak_mb"], workers)
     log.info("data and outputs in %s", work)
     return 0
 

@@ -7,7 +7,8 @@ made strong on purpose: all per-image work, including the tf.Example encoding (`
 runs in TF with `num_parallel_calls=AUTOTUNE`; a Python-built tf.Example alone costs ~70 ms here.
 TFT's wall time includes everything `run_transform` does (pipeline construction, analysis, the
 transform graph export, atomic publishing). Peak memory of Transform at N and 10N runs each size in
-its own subprocess (the larger sets repeat the generated images under new ids).
+its own subprocess over copies of the same demo images under new ids (generating 10N new images
+would take longer than the benchmark).
 
     python benchmarks/bench_transform.py --num 2000 --size 128 --json bench_transform.json
 """
@@ -42,22 +43,38 @@ SHARD_SIZE = 250
 
 def iter_demo_records(num: int, pool: int, seed: int = 0) -> Iterator[bytes]:
     """`num` raw examples; only `pool` distinct demo images are generated, then reused under new ids."""
-    from components.data_format import encode_example, encode_png
+    from components.data_format import encode_png
     from components.demo_data import iter_demo_examples
 
     encoded = [(encode_png(image), encode_png(mask)) for _, image, mask in iter_demo_examples(min(num, pool), seed)]
+    return reuse_records(encoded, num)
+
+
+def reuse_records(encoded: list[tuple[bytes, bytes]], num: int) -> Iterator[bytes]:
+    from components.data_format import encode_example
+
     for index in range(num):
         image_png, mask_png = encoded[index % len(encoded)]
         yield encode_example(f"bench-{index:06d}", image_png, mask_png)
 
 
-def write_examples_artifact(examples_uri: Path, num: int, pool: int) -> dict[str, int]:
+def read_encoded(examples_uri: Path) -> list[tuple[bytes, bytes]]:
+    """(image, mask) bytes of every example in an Examples artifact's train and eval splits."""
+    import tensorflow as tf
+
+    from components.data_format import parse_example
+
+    files = [f for split in (artifacts.TRAIN, artifacts.EVAL) for f in artifacts.split_files(examples_uri, split)]
+    return [parse_example(r.numpy())[1:] for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def write_examples_artifact(examples_uri: Path, records: Iterator[bytes]) -> dict[str, int]:
     """An Examples artifact (train/eval shards) plus its Schema artifact beside it."""
     import tensorflow as tf
 
     counts = {artifacts.TRAIN: 0, artifacts.EVAL: 0}
     writers: dict[tuple[str, int], Any] = {}
-    for index, record in enumerate(iter_demo_records(num, pool)):
+    for index, record in enumerate(records):
         split = artifacts.EVAL if index % EVAL_EVERY == EVAL_EVERY - 1 else artifacts.TRAIN
         shard = counts[split] // SHARD_SIZE
         if (split, shard) not in writers:
@@ -185,8 +202,6 @@ def child_memory(args: argparse.Namespace) -> None:
     payload = {
         "num": sum(result["counts"].values()),
         "seconds": seconds,
-        "cpu_seconds": cpu,
-        "ratio_tft_vs_tf_data_by_cpu": cpu["tf_data"] / cpu["tft"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_rss_workers_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
@@ -196,7 +211,7 @@ def child_memory(args: argparse.Namespace) -> None:
 def measure_memory(num: int, args: argparse.Namespace, workdir: Path) -> dict:
     """Peak RSS of a fresh process that runs only Transform over `num` examples."""
     folder = workdir / f"memory-{num}"
-    write_examples_artifact(folder / "examples", num, args.pool)
+    write_examples_artifact(folder / "examples", reuse_records(read_encoded(workdir / "examples"), num))
     command = [
         sys.executable, __file__, "--size", str(args.size), "--child-num", str(num),
         "--child-workdir", str(folder), f"--beam-args={shlex.join(args.beam_args)}",
@@ -245,7 +260,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> int:
     if artifacts.split_dir(examples, artifacts.TRAIN).exists():  # a kept --workdir: reuse its data
         print(f"reusing the demo examples in {examples}")
     else:
-        counts = write_examples_artifact(examples, args.num, args.pool)
+        counts = write_examples_artifact(examples, iter_demo_records(args.num, args.pool))
         print(f"wrote {sum(counts.values())} demo examples {counts} in {time.perf_counter() - start:.1f}s")
 
     def tfdata(i: int) -> None:

@@ -7,8 +7,9 @@ what does separate them is texture and shape: backgrounds vary slowly and with l
 objects carry high-contrast stripes, checks, dots or rings whose period stays 5-9 px after the
 image is resized to 64 px, so the small `demo` U-Net can learn them.
 
-Only IEEE basic arithmetic, `sqrt` and PIL's integer rasterizer touch the pixel arrays (no
-vectorised transcendental functions), so a seed gives byte-identical files on any machine.
+Only IEEE basic arithmetic, `sqrt` and PIL's polygon fill touch the pixel arrays (no vectorised
+transcendental functions, whose SIMD results vary by CPU), so a seed gives the same pixels on any
+machine, and byte-identical files wherever zlib is the same version.
 """
 from __future__ import annotations
 
@@ -244,5 +245,5 @@ def write_demo_data(
     path, count = write_span(data_root, span, records(), num_shards=num_shards, compress=compress)
     write_labels(data_root, LABELS)
     stats = {"min": min(fractions), "mean": sum(fractions) / len(fractions), "max": max(fractions)}
-    log.info("wrote %d demo examples (seed %d) to %s; foreground fraction %s", count, seed, path, stats)
+    log.debug("wrote %d demo examples (seed %d) to %s; foreground fraction %s", count, seed, path, stats)
     return {"span": span, "path": str(path), "count": count, "seed": seed, "foreground_fraction": stats}

@@ -79,7 +79,7 @@ class ImportReport:
         return dict(sorted(Counter(kind for _, kind, _ in self.skipped).items()))
 
     def summary(self) -> str:
-        text = f"imported {self.imported} examples into {self.path} ({self.converted} images converted to RGB)"
+        text = f"imported {self.imported} examples into {self.path} ({self.converted} converted to RGB)"
         if self.skipped:
             counts = ", ".join(f"{n} {kind}" for kind, n in self.skip_counts().items())
             text += f"; skipped {len(self.skipped)}: {counts}"
@@ -397,7 +397,7 @@ def import_oxford_pets(
     records = _records(pairs, report, load, progress)
     _write(data_root, report, records, num_shards=num_shards, compress=compress)
     report.labels = _merge_labels(data_root, OXFORD_LABELS)
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())
     return report
 
 
@@ -436,6 +436,6 @@ def import_folders(
     _write(data_root, report, records, num_shards=num_shards, compress=compress)
     labels = given or {cid: ("background" if cid == 0 else f"class_{cid}") for cid in range(max(seen | {1}) + 1)}
     report.labels = _merge_labels(data_root, labels)
-    log.info("%s; set data.num_classes to %d", report.summary(), max(report.labels) + 1)
+    log.debug("%s", report.summary())
     return report
 

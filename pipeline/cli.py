@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from components.errors import BadInputError, SegpipeError
 from pipeline.config import PROFILES, ConfigError, SegpipeConfig, load_config, parse_override
+
+if TYPE_CHECKING:  # the importers pull in PIL; keep `segpipe --help` light
+    from components.importers import ImportReport
 
 log = logging.getLogger("segpipe")
 
@@ -218,8 +222,10 @@ def _run_demo_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _finish_import(report, skip_bad: bool) -> int:
+def _finish_import(report: ImportReport, skip_bad: bool) -> int:
     print(report.summary())
+    num_classes = max(report.labels) + 1
+    print(f"labels.json: {report.labels}; train with data.num_classes={num_classes}")
     if report.skipped and not skip_bad:
         raise BadInputError(
             f"{len(report.skipped)} input(s) skipped (each logged above); the rest were imported. "
@@ -592,16 +598,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at emit time (tests and repeated main() calls swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
     if not verbose:
-        # TensorFlow, absl and Beam are chatty at INFO; their warnings still show.
-        for name in ("tensorflow", "absl", "apache_beam", "root"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        # TensorFlow's C++ start-up noise (CUDA probing, TensorRT); read when TF is first imported.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _CurrentStderrHandler)]:
+        root.removeHandler(handler)
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    # Third-party libraries (TensorFlow, absl, Beam) log through the root logger and are chatty at
+    # INFO; their warnings still show. segpipe's own loggers stay at INFO (DEBUG with -v).
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name in ("components", "pipeline", "segpipe"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

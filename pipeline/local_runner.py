@@ -467,4 +467,9 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
             if path.parent.is_dir() and not any(path.parent.iterdir()):
                 path.parent.rmdir()
         meta.mark_deleted(doomed)
+        # Half-written outputs of killed runs (publish's temporary folders); no run holds the lock now.
+        for stale in [*artifacts_root.glob("*/*/.*.tmp-*"), *artifacts_root.glob("*/*/.*.old-*")]:
+            freed += dir_size(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(str(stale))
     return GcResult(freed, removed, len(keep_ids))

@@ -107,3 +107,6 @@ def test_cli_writes_a_span_and_refuses_to_overwrite_it(tmp_path, capsys):
     assert "span 5 already exists" in capsys.readouterr().err
     assert main(["demo-data", "--out", str(tmp_path), "--num", "0"]) == 2
     assert "--num: must be at least 1" in capsys.readouterr().err
+    # without --out the data goes to the config's data root: <root>/data, next free span
+    assert main(["demo-data", "--root", str(tmp_path / "root"), "--num", "2"]) == 0
+    assert data_format.list_spans(tmp_path / "root" / "data") == [1]

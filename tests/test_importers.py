@@ -175,6 +175,7 @@ def test_folders_cli_exit_codes_and_skip_bad(folders, tmp_path, capsys):
     assert main(args + ["--span", "1"]) == 2
     captured = capsys.readouterr()
     assert "imported 7 examples" in captured.out and "skipped 14" in captured.out
+    assert "train with data.num_classes=3" in captured.out
     assert "14 input(s) skipped" in captured.err and "Traceback" not in captured.err
     assert main(args + ["--span", "2", "--skip-bad"]) == 0
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labels.json", "span-1", "span-2"]

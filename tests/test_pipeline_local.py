@@ -195,10 +195,13 @@ def test_gc_keeps_recent_runs_and_frees_old_artifacts(tmp_path):
     calls = Calls()
     old = run_pipeline(tiny_cfg(tmp_path, **{"train.epochs": 4}), nodes=fake_nodes(calls))
     new = run_pipeline(tiny_cfg(tmp_path), nodes=fake_nodes(calls))
+    killed = Path(new.steps[0].outputs["numbers_uri"]).parent / ".numbers.tmp-0badc0de"  # a killed write
+    killed.mkdir()
+    (killed / "n.json").write_text("[1, 2")
     result = collect_garbage(tiny_cfg(tmp_path), keep=1)
     assert result.freed_bytes > 0
     assert set(result.removed) == {old.steps[0].outputs["numbers_uri"], old.steps[2].outputs["doubled_uri"],
-                                   old.steps[3].outputs["shipped_uri"]}
+                                   old.steps[3].outputs["shipped_uri"], str(killed)}
     for step in new.steps:
         assert all(artifacts.is_published(uri) for uri in step.outputs.values())
     assert not Path(old.steps[0].outputs["numbers_uri"]).parent.exists()
