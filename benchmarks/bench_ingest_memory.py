@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=200, help="N: the small size (the large one is 10N)")
     parser.add_argument("--workdir", help="keep data here between runs (default: a temp folder)")
     parser.add_argument("--runners", action="store_true", help="also time runner modes on the 10N data")
+    parser.add_argument("--json", help="also write the measurements here (benchmarks/run_all.py reads it)")
     parser.add_argument("--child", nargs=3, metavar=("PATTERN", "OUT", "BEAM_ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                  num / r["seconds"])
     small, large = (rows[n]["peak_mb"] - rows[n]["baseline_mb"] for n in (args.n, 10 * args.n))
     log.info("ingestion memory 10N / N: %.2f (data 10x)", large / max(small, 1e-6))
+    results = {"n": args.n, "sizes": {str(n): r for n, r in rows.items()}, "growth_ratio": large / max(small, 1e-6),
+               "runner_modes": {}}
     if args.runners:
         num = 10 * args.n
         pattern = str(work / f"data-{num}" / "span-{SPAN}" / "*.tfrecord*")
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             workers = f", worker peak {r['workers_peak_mb']:.0f} MiB" if "processing" in mode else ""
             log.info("%-20s %6.1f s  %6.0f images/s  peak %.0f MiB%s",
                      mode, r["seconds"], num / r["seconds"], r["peak_mb"], workers)
+            results["runner_modes"][mode] = r
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     log.info("data and outputs in %s", work)
     return 0
 

@@ -187,7 +187,8 @@ def _pusher_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
 
 
 def _trainer_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
-    return {"backup_dir": ctx.scratch_dir}
+    # Without warm start the trainer has no base-model input; it still takes the argument.
+    return {"backup_dir": ctx.scratch_dir, **({} if cfg.train.warm_start else {"base_model_uri": None})}
 
 
 # ------------------------------------------------------------------ the DAG
