@@ -23,6 +23,7 @@ setup(
         "tfx-bsl>=1.16.1,<1.17",
         "apache-beam[gcp]>=2.72,<2.73",
         "dill",  # TFT imports it; Beam no longer pulls it in
+        "google-crc32c",  # ExampleGen checks TFRecord CRCs itself to name the bad record
         "kfp>=2.13,<2.14",  # 2.14+ needs protobuf 6, which TF 2.16 forbids
         "kfp-kubernetes>=1.5,<1.6",
         "ml-metadata>=1.16,<1.17",

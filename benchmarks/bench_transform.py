@@ -199,13 +199,17 @@ def child_memory(args: argparse.Namespace) -> None:
     """Subprocess body: run Transform only, print its peak RSS (and that of runner workers)."""
     work = Path(args.child_workdir)
     seconds, result = time_tft(work / "examples", work / "out", args.size, False, args.beam_args)
-    payload = {
-        "num": sum(result["counts"].values()),
-        "seconds": seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_rss_workers_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }
+    payload = {"num": sum(result["counts"].values()), "seconds": seconds, "peak_rss_mib": peak_rss_mib()}
     print("MEMORY_JSON " + json.dumps(payload), flush=True)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage: Linux carries the forking parent's peak
+    across exec into ru_maxrss, so a child of this (large) benchmark process would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_memory(num: int, args: argparse.Namespace, workdir: Path) -> dict:
@@ -233,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                         help='Beam args for TFT, one string: --beam-args="--runner=FnApiRunner"')
     parser.add_argument("--multiprocessing-workers", type=int, default=0,
                         help="also time FnApiRunner multi_processing with this many workers (0 = skip)")
+    parser.add_argument("--multithreading-workers", type=int, default=0,
+                        help="also time FnApiRunner multi_threading with this many workers (0 = skip)")
     parser.add_argument("--memory-num", type=int, default=0, help="peak memory at this N and 10N (0 = skip)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best wall time per variant counts")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the memory runs")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--workdir", help="keep the data here (default: a temp dir, removed)")
     parser.add_argument("--child-num", type=int, help=argparse.SUPPRESS)
@@ -263,6 +270,23 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> int:
         counts = write_examples_artifact(examples, iter_demo_records(args.num, args.pool))
         print(f"wrote {sum(counts.values())} demo examples {counts} in {time.perf_counter() - start:.1f}s")
 
+    results: dict[str, Any] = {"num_images": args.num, "image_size": args.size, "beam_args": args.beam_args}
+    if not args.skip_throughput:
+        results.update(measure_throughput(args, workdir, examples))
+    if args.memory_num:
+        memory = [measure_memory(n, args, workdir) for n in (args.memory_num, 10 * args.memory_num)]
+        results["memory"] = memory
+        for entry in memory:
+            print(f"{'memory N=' + str(entry['num']):>22}: peak RSS {entry['peak_rss_mib']:.0f} MiB ({entry['seconds']:.1f} s)")
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def measure_throughput(args: argparse.Namespace, workdir: Path, examples: Path) -> dict[str, Any]:
+    """Wall and CPU seconds per variant (best of interleaved rounds), images/s and the ratios."""
+
     def tfdata(i: int) -> None:
         out = workdir / f"tfdata-{i}"
         shutil.rmtree(out, ignore_errors=True)
@@ -285,6 +309,10 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> int:
         mp_args = [*args.beam_args, "--direct_running_mode=multi_processing",
                    f"--direct_num_workers={args.multiprocessing_workers}"]  # fmt: skip
         variants["tft_multi_processing"] = tft_variant("tft_multi_processing", False, mp_args)
+    if args.multithreading_workers:
+        mt_args = [*args.beam_args, "--direct_running_mode=multi_threading",
+                   f"--direct_num_workers={args.multithreading_workers}"]  # fmt: skip
+        variants["tft_multi_threading"] = tft_variant("tft_multi_threading", False, mt_args)
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     for round_index in range(args.repeats):  # interleaved rounds, so load drift hits every variant
@@ -299,37 +327,23 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> int:
 
     rates = {name: args.num / value for name, value in seconds.items()}
     results: dict[str, Any] = {
-        "num_images": args.num,
-        "image_size": args.size,
-        "beam_args": args.beam_args,
         "seconds": seconds,
         "cpu_seconds": cpu,
-        "ratio_tft_vs_tf_data_by_cpu": cpu["tf_data"] / cpu["tft"],
         "images_per_second": rates,
         "ratio_tft_vs_tf_data": rates["tft"] / rates["tf_data"],
+        "ratio_tft_vs_tf_data_by_cpu": cpu["tf_data"] / cpu["tft"],
         "ratio_tft_standardized_vs_tf_data": rates["tft_standardized"] / rates["tf_data"],
         "max_abs_diff_tft_vs_tf_data": max_diff,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
-    if args.multiprocessing_workers:
-        results["ratio_tft_multi_processing_vs_tf_data"] = rates["tft_multi_processing"] / rates["tf_data"]
+    for name in ("tft_multi_processing", "tft_multi_threading"):
+        if name in rates:
+            results[f"ratio_{name}_vs_tf_data"] = rates[name] / rates["tf_data"]
     for name, rate in rates.items():
         print(f"{name:>22}: {rate:8.1f} images/s  ({seconds[name]:.1f} s wall, {cpu[name]:.1f} s CPU for {args.num})")
     print(f"{'ratio tft / tf.data':>22}: {results['ratio_tft_vs_tf_data']:.2f} (goal >= 0.5)")
     print(f"{'standardized / tf.data':>22}: {results['ratio_tft_standardized_vs_tf_data']:.2f}")
     print(f"{'max |tft - tf.data|':>22}: {max_diff:.2e}")
-
-    if args.memory_num:
-        memory = [measure_memory(n, args, workdir) for n in (args.memory_num, 10 * args.memory_num)]
-        results["memory"] = memory
-        for entry in memory:
-            print(
-                f"{'memory N=' + str(entry['num']):>22}: peak RSS {entry['peak_rss_mib']:.0f} MiB "
-                f"(runner workers {entry['peak_rss_workers_mib']:.0f} MiB, {entry['seconds']:.1f} s)"
-            )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -179,9 +179,14 @@ class Metadata:
                 name=f"{run_id}/{node}",
             )
             _set_props(execution, {"node": node, "run_id": run_id, **properties})
-            pairs = []
+            pairs, seen = [], set()
             for refs, event_type in ((inputs, pb.Event.INPUT), (outputs, pb.Event.OUTPUT)):
                 for ref in refs:
+                    # ML Metadata keeps one event per (artifact, execution, type): an artifact fed to
+                    # two arguments (statistics that are also the drift baseline) is recorded once.
+                    if (ref.uri, event_type) in seen:
+                        continue
+                    seen.add((ref.uri, event_type))
                     pairs.append((self._artifact(ref), _event(event_type, ref.key)))
             contexts = [self._context(PIPELINE_CONTEXT, pipeline_name), self._context(RUN_CONTEXT, run_id)]
             execution_id, _, _ = self.store.put_execution(
