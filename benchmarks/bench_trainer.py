@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'train images/s':<34}{p['tfdata_images_per_s']:>18}{p['numpy_images_per_s']:>18}{p['ratio']:>8}  >= 0.95")
         if "memory" in results:
             m = results["memory"]
-            print(f"{'peak RSS MB (VmHWM)':<34}{f'N={m['n']}':>18}{f'10N={10 * m['n']}':>18}{'ratio':>8}  goal")
+            n_label, n10_label = f"N={m['n']}", f"10N={10 * m['n']}"
+            print(f"{'peak RSS MB (VmHWM)':<34}{n_label:>18}{n10_label:>18}{'ratio':>8}  goal")
             for mode in ("tfdata", "numpy"):
                 label = {"tfdata": "  trainer tf.data (streamed)", "numpy": "  numpy (tutorial, loaded whole)"}[mode]
                 print(f"{label:<34}{m[mode]['peak_mb_n']:>18}{m[mode]['peak_mb_10n']:>18}"

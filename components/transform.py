@@ -208,9 +208,11 @@ def build_transform_pipeline(
         source = tfxio.TFExampleRecord(files[split], schema=raw_metadata.schema, telemetry_descriptors=TELEMETRY)
         return pipeline | f"{stage}[{split}]" >> source.BeamSource(), source.TensorAdapterConfig()
 
+    encoder = RecordBatchToExamplesEncoder()  # C++: no Python tf.Example building per record
+
     def encode(batch_and_passthrough: tuple[Any, Any]) -> list[bytes]:
         record_batch, _ = batch_and_passthrough
-        return RecordBatchToExamplesEncoder().encode(record_batch)
+        return encoder.encode(record_batch)
 
     # Analysis reads train on its own so that the transform stages stream from disk instead of
     # holding the whole split in memory until the analyzers finish.
@@ -249,7 +251,7 @@ def query_counts(result: Any, splits: list[str]) -> dict[str, int]:
     counts = {split: 0 for split in splits}
     for split in splits:
         query = result.metrics().query(MetricsFilter().with_namespace("segpipe.transform").with_name(f"records[{split}]"))
-        counts[split] = int(sum(c.committed or 0 for c in query["counters"]))
+        counts[split] = int(sum(c.committed if c.committed is not None else c.attempted for c in query["counters"]))
     return counts
 
 

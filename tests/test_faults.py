@@ -289,11 +289,11 @@ sys.exit(main(argv))
 
 def start_segpipe(argv: list[str], pause: str, marker: Path, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    log_file = open(log_path, "wb")  # noqa: SIM115 (closed with the process in kill_group/finish)
-    return subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, pause, str(marker), *argv],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
+    with open(log_path, "wb") as log_file:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, pause, str(marker), *argv],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
 
 
 def wait_for(condition, proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
