@@ -431,6 +431,8 @@ def _run_submit_cmd(args: argparse.Namespace, schedule: bool = False) -> int:
 
     cfg = config_from_args(args)
     arguments = _kfp_arguments(args)
+    # urllib3 logs each retry of an unreachable host; the one-line error below says it once.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package or kubeflow.compile_pipeline(cfg, f"{tmp}/pipeline.yaml", image=args.image)
         try:

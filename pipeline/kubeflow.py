@@ -328,10 +328,14 @@ def compile_pipeline(cfg: SegpipeConfig, out: str, *, image: str | None = None) 
 
 def kfp_client(host: str, namespace: str | None) -> Any:
     """A kfp.Client; the token comes from KF_PIPELINES_TOKEN, else kfp's own kube-config lookup."""
+    import warnings
+
     import kfp
 
     token = os.environ.get(TOKEN_ENV) or None
-    return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+    with warnings.catch_warnings():  # "only works with KFP >= 2.0.0-beta.2": noise on every call
+        warnings.simplefilter("ignore", FutureWarning)
+        return kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
 
 
 def describe_api_error(host: str, exc: BaseException) -> str:

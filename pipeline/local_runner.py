@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from components import artifacts
 from components.errors import BadInputError, NotBlessedError, SegpipeError
+from components.example_gen import resolve_spans
 from pipeline import metadata as md
 from pipeline.config import SegpipeConfig, with_overrides
 from pipeline.pipeline import (
@@ -288,8 +289,6 @@ def summarize(result: Any) -> str:
 
 def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
     """Is there a span newer than the ones the latest blessed model was trained on?"""
-    from components.example_gen import resolve_spans
-
     info = latest_blessed_info(cfg.serving_dir)
     if info is None:
         return True, "no model pushed yet"
@@ -453,6 +452,7 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
         versions = [str((Path(cfg.serving_dir) / str(v)).resolve()) for v in list_version_numbers(cfg.serving_dir)]
         keep_ids |= meta.upstream_ids([a.id for a in meta.artifacts_by_uri(versions)])
         keep_ids |= meta.upstream_ids(sorted(keep_ids))
+        keep_ids = meta.with_sibling_outputs(keep_ids)
         artifacts_root = root / ARTIFACTS_DIR
         doomed = [a for a in meta.live_artifacts()
                   if a.id not in keep_ids and Path(a.uri).is_relative_to(artifacts_root)]

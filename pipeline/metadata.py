@@ -309,6 +309,22 @@ class Metadata:
             keep.update(row["artifact_id"] for row in self.lineage(artifact_id))
         return keep
 
+    def with_sibling_outputs(self, artifact_ids: set[int]) -> set[int]:
+        """The artifacts plus every other output of the executions that wrote them.
+
+        gc keeps a step's outputs together: removing half of them would leave the step neither
+        cached nor cleanly gone.
+        """
+        from ml_metadata.proto import metadata_store_pb2 as pb
+
+        if not artifact_ids:
+            return set()
+        with self._locked():
+            events = self.store.get_events_by_artifact_ids(sorted(artifact_ids))
+            producers = sorted({ev.execution_id for ev in events if ev.type == pb.Event.OUTPUT})
+            outputs = self.store.get_events_by_execution_ids(producers) if producers else []
+        return set(artifact_ids) | {ev.artifact_id for ev in outputs if ev.type == pb.Event.OUTPUT}
+
     def run_artifact_ids(self, run_id: str) -> set[int]:
         """Every artifact a run's executions read or wrote."""
         with self._locked():

@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from components import artifacts
+from components.evaluator import evaluate_model
+from components.example_gen import resolve_spans, run_example_gen
+from components.example_validator import validate_examples
+from components.pusher import SERVING_INFO_FILE, latest_blessed_model, push_model
+from components.schema_gen import import_schema
+from components.statistics_gen import generate_statistics
+from components.trainer import train_model
+from components.transform import run_transform
 from pipeline.config import SegpipeConfig
 
 log = logging.getLogger(__name__)
 
-SERVING_INFO_FILE = "segpipe.json"  # written by the pusher into every serving version
 BACKUPS_DIR = ".trainer_backups"  # under the pipeline root: BackupAndRestore state per execution
 
 # Run parameters: what a user changes per run (CLI flags locally, pipeline parameters on Kubeflow),
@@ -90,8 +97,6 @@ class Node:
 
 def latest_blessed_info(serving_dir: str) -> dict[str, Any] | None:
     """The `segpipe.json` of the highest serving version, or None when nothing was pushed."""
-    from components.pusher import latest_blessed_model
-
     latest = latest_blessed_model(serving_dir)
     if latest is None:
         return None
@@ -116,8 +121,6 @@ def resolve_previous_statistics(serving_dir: str) -> str | None:
 
 def resolve_base_model(serving_dir: str) -> str | None:
     """The latest blessed model (highest serving version): warm start and evaluation baseline."""
-    from components.pusher import latest_blessed_model
-
     return latest_blessed_model(serving_dir)
 
 
@@ -126,8 +129,6 @@ def resolve_base_model(serving_dir: str) -> str | None:
 
 def data_files(cfg: SegpipeConfig) -> list[str]:
     """The raw files the next ExampleGen would read: a new or changed file misses the cache."""
-    from components.example_gen import resolve_spans
-
     spans = resolve_spans(cfg.input_pattern, cfg.data.span, cfg.data.num_spans)
     return sorted(f for s in spans for f in glob.glob(cfg.input_pattern.replace("{SPAN}", str(s))))
 
@@ -196,16 +197,6 @@ def _trainer_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
 
 def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
     """The segpipe DAG in execution order (each node's inputs come from earlier nodes)."""
-    # Imported here so `segpipe --help` and the runners' machinery stay light.
-    from components.evaluator import evaluate_model
-    from components.example_gen import run_example_gen
-    from components.example_validator import validate_examples
-    from components.pusher import push_model
-    from components.schema_gen import import_schema
-    from components.statistics_gen import generate_statistics
-    from components.trainer import train_model
-    from components.transform import run_transform
-
     base_model = {"base_model_uri": Ref("latest_model")} if cfg.train.warm_start else {}
     nodes = [
         Node(

@@ -89,3 +89,16 @@ def test_mysql_connection_reads_password_from_env_and_never_logs_it(monkeypatch,
     assert conn.mysql.password == "s3cret-value"
     assert "s3cret-value" not in caplog.text
     assert not conn.HasField("sqlite")
+
+
+def test_gc_keeps_the_outputs_of_one_execution_together(meta, tmp_path):
+    meta.start_run("segpipe", "r1", {})
+    meta.record_execution(pipeline_name="segpipe", run_id="r1", node="trainer", state=md.COMPLETE, properties={},
+                          outputs=[_ref("model_uri", str(tmp_path / "model"), "Model"),
+                                   _ref("model_run_uri", str(tmp_path / "model_run"), "ModelRun")])
+    meta.record_execution(pipeline_name="segpipe", run_id="r1", node="other", state=md.COMPLETE, properties={},
+                          outputs=[_ref("x_uri", str(tmp_path / "x"), "X")])
+    [model] = meta.artifacts_by_uri([str(tmp_path / "model")])
+    [model_run] = meta.artifacts_by_uri([str(tmp_path / "model_run")])
+    assert meta.with_sibling_outputs({model.id}) == {model.id, model_run.id}
+    assert meta.with_sibling_outputs(set()) == set()
