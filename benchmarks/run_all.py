@@ -242,6 +242,17 @@ def run_bench(name: str, bench: Bench, quick: bool, out_dir: Path, rerun: bool =
     return result
 
 
+def _reuse_note(results: list[dict[str, Any]]) -> list[str]:
+    """Say which rows come from an earlier run's JSON (--reuse), and when that JSON was written."""
+    reused = [r for r in results if r.get("reused")]
+    if not reused:
+        return []
+    when = ", ".join(
+        f"{r['name']} ({time.strftime('%H:%M UTC', time.gmtime(Path(r['reused']).stat().st_mtime))})" for r in reused
+    )
+    return [f"Figures read from an earlier run's JSON in this folder (`--reuse`): {when}.", ""]
+
+
 def render_markdown(machine: dict[str, Any], results: list[dict[str, Any]], quick: bool, started: str) -> str:
     lines = [
         "# segpipe benchmarks" + (" (quick smoke run: small sizes, not for README)" if quick else ""),
@@ -253,6 +264,7 @@ def render_markdown(machine: dict[str, Any], results: list[dict[str, Any]], quic
         f"- Python {machine['python']}, {machine['platform']}; load average at start "
         f"{', '.join(map(str, machine['load_average_at_start']))}",
         "",
+        *_reuse_note(results),
         "| benchmark | measured | baseline | ratio | goal | result |",
         "|---|---|---|---|---|---|",
     ]
