@@ -9,17 +9,17 @@ Signatures (README "Serving contract"):
 Both return `probabilities` float32 [N, S, S, C] (C = 1: sigmoid foreground probability; C = K:
 softmax) and `class_mask` int32 [N, S, S] (p > 0.5, or argmax).
 
-`keras.export.ExportArchive` tracks the Keras 3 model and the TFT layer (a Keras 2 object, kept
-out of the Keras 3 graph and called only inside the tf.function), so the SavedModel loads with
-`tf.saved_model.load` or `saved_model_cli` without segpipe or TFT importable.
+`keras.export.ExportArchive` tracks the Keras 3 model and the TFT transform graph, wrapped as a
+plain `tf.Module` (`components.transform.load_serving_transform`): TFT's own
+`transform_features_layer()` is a Keras 2 model that TensorFlow re-traces on save (16-44 s per
+export here, against under a second for the module; same graph, same values). The SavedModel loads
+with `tf.saved_model.load` or `saved_model_cli` without segpipe or TFT importable.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
-
-from components.artifacts import IMAGE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def export_serving_model(
     """
     import keras
     import tensorflow as tf
-    import tensorflow_transform as tft
+
+    from components.transform import load_serving_transform
 
     channels = keras_model.output_shape[-1]
     expected = 1 if num_classes == 2 else num_classes
@@ -63,19 +64,18 @@ def export_serving_model(
     if tuple(keras_model.input_shape[1:]) != (image_size, image_size, 3):
         raise ValueError(f"model input {keras_model.input_shape} does not match image_size {image_size}")
 
-    transform_layer = tft.TFTransformOutput(str(transform_graph_uri)).transform_features_layer()
+    serving_transform = load_serving_transform(str(transform_graph_uri))
     archive = keras.export.ExportArchive()
     archive.track(keras_model)
-    archive.track(transform_layer)
+    archive.track(serving_transform)
 
     def predict(images: Any) -> dict[str, Any]:
         probabilities = tf.cast(keras_model(images, training=False), tf.float32)
         return {PROBABILITIES: probabilities, CLASS_MASK: class_mask_from_probabilities(probabilities)}
 
     def serve_bytes(image_bytes: Any) -> dict[str, Any]:
-        transformed = transform_layer({IMAGE_KEY: image_bytes})
-        images = tf.reshape(tf.cast(transformed[IMAGE_KEY], tf.float32), [-1, image_size, image_size, 3])
-        return predict(images)
+        images = serving_transform.transform_image(image_bytes)
+        return predict(tf.reshape(tf.cast(images, tf.float32), [-1, image_size, image_size, 3]))
 
     archive.add_endpoint(SERVING_BYTES, serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
     archive.add_endpoint(
