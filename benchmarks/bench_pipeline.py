@@ -59,6 +59,12 @@ def pushed_metrics(root: Path) -> dict[str, Any]:
     return info.get("metrics", {})
 
 
+def trained_epochs(root: Path) -> int | None:
+    """Epochs the trainer ran (its result.json under the root), or None when it did not finish."""
+    found = sorted((root / "artifacts" / "trainer").glob("*/result.json"))
+    return json.loads(found[-1].read_text()).get("epochs") if found else None
+
+
 def one_run(workdir: Path, index: int, args: argparse.Namespace) -> dict[str, Any]:
     root = workdir / f"root-{index}"
     extra = QUICK_SETTINGS if args.quick else []
@@ -77,6 +83,7 @@ def one_run(workdir: Path, index: int, args: argparse.Namespace) -> dict[str, An
         "steps": steps,
         "steps_total_seconds": round(sum(s["seconds"] for s in steps.values()), 1),
         "metrics": pushed_metrics(root),
+        "trainer_epochs": trained_epochs(root),
     }
     summary = ", ".join(f"{name} {s['seconds']:.0f}s" for name, s in steps.items() if s["seconds"] >= 0.5)
     print(f"run {index}: exit {run.returncode}, demo-data {gen_seconds:.0f}s + segpipe run {run_seconds:.0f}s "

@@ -14,6 +14,7 @@ the same Beam pipeline, and the gate checks the candidate does not regress beyon
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shutil
@@ -168,16 +169,42 @@ def rank_key(score: dict[str, Any]) -> tuple[float, str, dict[str, Any]]:
     return (score["iou"], score["id"], score)
 
 
-def _save_pickle(value: Any, path: str) -> None:
-    import pickle
+def _to_json(value: Any) -> Any:
+    """JSON-able form of branch results: arrays and bytes tagged so `_from_json` restores them."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, bytes):
+        return {"__bytes__": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
-    with open(path, "wb") as fh:
-        pickle.dump(value, fh)
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return np.asarray(value["__ndarray__"], dtype=value["dtype"])
+        if "__bytes__" in value:
+            return base64.b64decode(value["__bytes__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _save_result(value: Any, path: str) -> None:
+    """Beam branch results go to JSON files in our scratch folder (never pickle)."""
+    with open(path, "w") as fh:
+        json.dump(_to_json(value), fh)
 
 
 def add_model_branch(examples: Any, name: str, saved_model_dir: str, size: int, num_classes: int,
                      num_keep: int, scratch: Path) -> None:
-    """RunInference + scoring for one model; results land as pickles in `scratch`."""
+    """RunInference + scoring for one model; results land as JSON files in `scratch`."""
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
@@ -191,19 +218,19 @@ def add_model_branch(examples: Any, name: str, saved_model_dir: str, size: int, 
         scores
         | f"{name}/Confusion" >> beam.Map(lambda s: s["cm"])
         | f"{name}/SumConfusion" >> beam.CombineGlobally(sum_confusion)
-        | f"{name}/SaveConfusion" >> beam.Map(_save_pickle, str(scratch / f"{name}-cm.pkl"))
+        | f"{name}/SaveConfusion" >> beam.Map(_save_result, str(scratch / f"{name}-cm.json"))
     )
     _ = (
         scores
         | f"{name}/Count" >> beam.combiners.Count.Globally()
-        | f"{name}/SaveCount" >> beam.Map(_save_pickle, str(scratch / f"{name}-count.pkl"))
+        | f"{name}/SaveCount" >> beam.Map(_save_result, str(scratch / f"{name}-count.json"))
     )
     for kind, reverse in (("worst", True), ("best", False)):
         _ = (
             scores
             | f"{name}/Key{kind}" >> beam.Map(rank_key)
             | f"{name}/Top{kind}" >> beam.combiners.Top.Of(num_keep, key=lambda t: (t[0], t[1]), reverse=reverse)
-            | f"{name}/Save{kind}" >> beam.Map(_save_pickle, str(scratch / f"{name}-{kind}.pkl"))
+            | f"{name}/Save{kind}" >> beam.Map(_save_result, str(scratch / f"{name}-{kind}.json"))
         )
     _ = (
         scores
@@ -217,8 +244,6 @@ def add_model_branch(examples: Any, name: str, saved_model_dir: str, size: int, 
 def run_evaluation_pipeline(files: list[str], models: dict[str, tuple[str, int]], num_classes: int,
                             num_keep: int, scratch: Path, beam_args: list[str]) -> dict[str, dict[str, Any]]:
     """One Beam pipeline: read the records once, one RunInference branch per model."""
-    import pickle
-
     import apache_beam as beam
 
     from components.beam_utils import beam_pipeline
@@ -236,8 +261,8 @@ def run_evaluation_pipeline(files: list[str], models: dict[str, tuple[str, int]]
     for name in models:
         loaded = {}
         for kind in ("cm", "count", "worst", "best"):
-            with open(scratch / f"{name}-{kind}.pkl", "rb") as fh:
-                loaded[kind] = pickle.load(fh)
+            with open(scratch / f"{name}-{kind}.json") as fh:
+                loaded[kind] = _from_json(json.load(fh))
         results[name] = loaded
     return results
 

@@ -61,7 +61,7 @@ def parse_batch(serialized: Any, image_size: int) -> tuple[Any, Any]:
 
 
 def augment_batch(images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: float) -> tuple[Any, Any]:
-    """Random per-example flips, 90-degree rotations and zoom-in crops, identical on image and mask.
+    """Random per-example flips and 90-degree rotations, a per-batch zoom-in crop; identical on image and mask.
 
     Vectorised over the batch; masks are resampled nearest-neighbour so class ids (and 255) survive.
     """
@@ -85,13 +85,17 @@ def augment_batch(images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: flo
             rotated_masks = choose(turns == k, tf.image.rot90(masks, k), rotated_masks)
         images, masks = rotated_images, rotated_masks
     if zoom > 0:
-        crop_size = images.shape[1:3] if images.shape[1:3].is_fully_defined() else tf.shape(images)[1:3]
-        side = 1.0 - tf.random.uniform([size], 0.0, zoom)
-        top, left = tf.random.uniform([size]) * (1.0 - side), tf.random.uniform([size]) * (1.0 - side)
-        boxes = tf.stack([top, left, top + side, left + side], axis=1)
-        index = tf.range(size)
-        images = tf.image.crop_and_resize(images, boxes, index, crop_size, method="bilinear")
-        masks = tf.image.crop_and_resize(masks, boxes, index, crop_size, method="nearest")
+        # One zoom per batch (a random crop resized back). Per-example tf.image.crop_and_resize
+        # would make grappler log a cost-model warning every epoch on CPU.
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        out_size = images.shape[1:3].as_list() if images.shape[1:3].is_fully_defined() else [height, width]
+        side = 1.0 - tf.random.uniform([], 0.0, zoom)
+        crop_h = tf.maximum(1, tf.cast(tf.round(side * tf.cast(height, tf.float32)), tf.int32))
+        crop_w = tf.maximum(1, tf.cast(tf.round(side * tf.cast(width, tf.float32)), tf.int32))
+        top = tf.random.uniform([], 0, height - crop_h + 1, dtype=tf.int32)
+        left = tf.random.uniform([], 0, width - crop_w + 1, dtype=tf.int32)
+        images = tf.image.resize(images[:, top : top + crop_h, left : left + crop_w], out_size, method="bilinear")
+        masks = tf.image.resize(masks[:, top : top + crop_h, left : left + crop_w], out_size, method="nearest")
     return images, tf.cast(tf.round(masks[..., 0]), tf.int32)
 
 
