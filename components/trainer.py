@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -477,7 +478,11 @@ def fit_model(
     previous = [row for row in read_history(history_path) if int(row["epoch"]) < resumed_epoch(backup)]
     best_so_far = min((row[MONITOR] for row in previous if MONITOR in row), default=None)
     callbacks = make_callbacks(backup, patience=int(train_config["early_stopping_patience"]), best_so_far=best_so_far)
-    model.fit(train, validation_data=evaluation, epochs=int(train_config["epochs"]), callbacks=callbacks, verbose=0)
+    with warnings.catch_warnings():
+        # The streamed TFRecords have no known length, so each epoch ends by running out of data;
+        # Keras warns about that every epoch although it is the intended end of an epoch.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(train, validation_data=evaluation, epochs=int(train_config["epochs"]), callbacks=callbacks, verbose=0)
     history = read_history(history_path)
     if not history:
         raise TrainingError(f"{history_path}: training produced no completed epoch")
