@@ -186,7 +186,7 @@ def kfp_stub_server():
         thread.join(timeout=5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_pipeline_overrides() -> Callable[..., dict]:
     """`tiny_pipeline_overrides(root, **more)`: config overrides for a full pipeline run in seconds.
 

@@ -24,30 +24,22 @@ from components import artifacts
 from components.data_format import encode_example, encode_png, write_labels, write_span
 from pipeline.cli import main
 
-# Config overrides shared by every run here: tiny model, in-process Beam, gates any model passes,
-# and no warm start (so a later run's new serving version does not retrain an unchanged model).
-TINY = {
-    "transform.image_size": 32,
-    "model.base_filters": 4,
-    "model.depth": 2,
-    "model.batch_norm": False,
-    "train.epochs": 1,
-    "train.batch_size": 8,
-    "train.early_stopping_patience": 0,
-    "train.warm_start": False,
-    "evaluation.pixel_accuracy_threshold": 0.0,
-    "evaluation.min_foreground_iou": 0.0,
-    "evaluation.max_regression": 1.0,
-    "evaluation.num_worst_examples": 2,
-}
+@pytest.fixture(scope="session")
+def run_args(tiny_pipeline_overrides):
+    """`run_args(root, **more)`: `segpipe run` arguments for the shared tiny config on `root`.
 
+    On top of conftest's tiny overrides: no warm start, so a later run's new serving version does
+    not retrain an unchanged model.
+    """
 
-def run_args(root: Path, **more: object) -> list[str]:
-    """`segpipe run` arguments for the tiny config on `root`."""
-    args = ["run", "--root", str(root)]
-    for key, value in {**TINY, **more}.items():
-        args += ["--set", f"{key}={json.dumps(value)}"]
-    return args
+    def _args(root: Path, **more: object) -> list[str]:
+        overrides = tiny_pipeline_overrides(root, **{"train.warm_start": False, **more})
+        args = ["run", "--root", overrides.pop("root")]
+        for key, value in overrides.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        return args
+
+    return _args
 
 
 def good_example(rng: np.random.Generator, example_id: str, size: int = 32) -> bytes:
@@ -139,7 +131,7 @@ def _add_non_tfrecord(span_folder: Path) -> Path:
     ],
     ids=["truncated-shard", "flipped-byte", "non-tfrecord-file"],
 )
-def test_bad_input_file_is_named_and_nothing_is_published(tmp_path, capsys, inject, expected):
+def test_bad_input_file_is_named_and_nothing_is_published(tmp_path, capsys, inject, expected, run_args):
     root = tmp_path / "root"
     span = write_good_span(root / "data", 1, 12, compress=False, num_shards=2)
     bad_file = inject(span)
@@ -153,7 +145,7 @@ def test_bad_input_file_is_named_and_nothing_is_published(tmp_path, capsys, inje
     assert "[1/10] example_gen          failed" in out
 
 
-def test_empty_span_is_refused_and_nothing_is_published(tmp_path, capsys):
+def test_empty_span_is_refused_and_nothing_is_published(tmp_path, capsys, run_args):
     root = tmp_path / "root"
     write_good_span(root / "data", 1, 12)
     empty_folder, count = write_span(root / "data", 2, iter(()), num_shards=1)
@@ -213,7 +205,8 @@ def read_ids(files: list[str]) -> set[str]:
 
 
 @pytest.mark.slow
-def test_every_anomaly_kind_stops_at_the_validator_and_never_reaches_training(tmp_path, capsys):
+def test_every_anomaly_kind_stops_at_the_validator_and_never_reaches_training(tmp_path, capsys, run_args,
+                                                                              tiny_pipeline_overrides):
     from pipeline.config import load_config
     from pipeline.local_runner import run_pipeline
     from pipeline.pipeline import create_pipeline
@@ -238,7 +231,8 @@ def test_every_anomaly_kind_stops_at_the_validator_and_never_reaches_training(tm
 
     # Within a tolerance the run goes on, and the quarantined examples stay out of every split
     # that Transform (and so training) reads.
-    cfg = load_config(overrides={"root": str(root), **TINY, "validation.max_invalid_fraction": 0.5})
+    cfg = load_config(overrides=tiny_pipeline_overrides(
+        root, **{"train.warm_start": False, "validation.max_invalid_fraction": 0.5}))
     nodes = create_pipeline(cfg)
     upto_transform = nodes[: [n.name for n in nodes].index("transform") + 1]
     result = run_pipeline(cfg, nodes=upto_transform)
@@ -322,7 +316,7 @@ def finish(proc: subprocess.Popen, log_path: Path, timeout: float = 400) -> int:
 
 
 @pytest.fixture(scope="module")
-def killed_three_times(tmp_path_factory):
+def killed_three_times(tmp_path_factory, run_args):
     """One root, four `segpipe run` processes: killed in Transform, in training, in Push; then rerun.
 
     Returns what each stage looked like right after its kill (artifact states, serving dir).
@@ -424,7 +418,7 @@ def test_rerun_after_the_kills_completes_and_pushes_one_whole_version(killed_thr
 
 
 @pytest.mark.slow
-def test_model_below_threshold_is_not_pushed_and_serving_dir_is_untouched(killed_three_times, capsys):
+def test_model_below_threshold_is_not_pushed_and_serving_dir_is_untouched(killed_three_times, capsys, run_args):
     root = killed_three_times["root"]
     serving = root / "serving"
     before = tree_digest(serving)
