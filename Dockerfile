@@ -15,7 +15,7 @@ COPY components/ components/
 COPY pipeline/ pipeline/
 COPY schemas/ schemas/
 RUN python3 -m pip install -c constraints.txt . \
- && python3 -c "import components, pipeline.cli, schemas"
+ && cd / && python3 -c "import segpipe.components, segpipe.pipeline.cli, segpipe.schemas"
 
 # Never run as root; KFP mounts artifacts under /tmp or object-storage fuse paths.
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin segpipe

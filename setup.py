@@ -10,10 +10,23 @@ setup(
     version="0.1.0",
     description="Production U-Net segmentation pipeline: TFRecords -> TFDV -> TFT -> Keras -> Kubeflow",
     python_requires=">=3.11,<3.12",
-    packages=["components", "pipeline", "schemas"],
+    # One import package, `segpipe`, mapped from the repository's top-level folders: the tree a
+    # reader opens is the tree Python imports. `segpipe` itself is a namespace with no folder.
+    packages=[
+        "segpipe.components",
+        "segpipe.components.core",
+        "segpipe.components.tools",
+        "segpipe.pipeline",
+        "segpipe.schemas",
+    ],
+    package_dir={
+        "segpipe.components": "components",
+        "segpipe.pipeline": "pipeline",
+        "segpipe.schemas": "schemas",
+    },
     package_data={
-        "pipeline": ["*.yaml", "profiles/*.yaml"],
-        "schemas": ["*.pbtxt"],
+        "segpipe.pipeline": ["*.yaml", "profiles/*.yaml"],
+        "segpipe.schemas": ["*.pbtxt"],
     },
     install_requires=[
         "tensorflow>=2.16.2,<2.17",
@@ -36,5 +49,5 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["segpipe=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["segpipe=segpipe.pipeline.cli:main"]},
 )

@@ -43,7 +43,7 @@ def run_child(pattern: str, out: str, beam_args: list[str]) -> dict:
     import PIL.Image  # noqa: F401
     import tensorflow  # noqa: F401
 
-    from components.example_gen import run_example_gen
+    from segpipe.components.example_gen import run_example_gen
 
     baseline = peak_rss_mb()
     start = time.perf_counter()
@@ -61,7 +61,7 @@ def measure(pattern: str, out: Path, beam_args: list[str]) -> dict:
 
 
 def make_data(root: Path, num: int) -> str:
-    from components.demo_data import write_demo_data
+    from segpipe.components.tools.demo_data import write_demo_data
 
     if not (root / "span-1").exists():
         write_demo_data(root, num=num, span=1, seed=1, progress=False)

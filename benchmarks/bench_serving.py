@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from components import artifacts  # noqa: E402
+from segpipe.components.core import artifacts  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 GOAL_RATIO = 1.2  # seed model, exported/bytes over keras/arrays
@@ -42,8 +42,8 @@ SCHEMA_TEXT = "".join(f'feature {{ name: "{key}" type: BYTES }}\n' for key in ("
 
 def demo_pngs(num: int, seed: int = 0) -> list[tuple[bytes, bytes, str]]:
     """(image PNG, mask PNG, id) of `num` demo examples at their native sizes."""
-    from components.data_format import encode_png
-    from components.demo_data import iter_demo_examples
+    from segpipe.components.core.data_format import encode_png
+    from segpipe.components.tools.demo_data import iter_demo_examples
 
     return [(encode_png(image), encode_png(mask), example_id) for example_id, image, mask in iter_demo_examples(num, seed)]
 
@@ -52,8 +52,8 @@ def build_transform_graph(workdir: Path, records: list[tuple[bytes, bytes, str]]
     """A real Transform run (x / 255) on a small raw Examples artifact: the graph the export embeds."""
     import tensorflow as tf
 
-    from components.data_format import encode_example
-    from components.transform import run_transform
+    from segpipe.components.core.data_format import encode_example
+    from segpipe.components.transform import run_transform
 
     examples = workdir / "examples"
     for split, part in ((artifacts.TRAIN, records[:-2]), (artifacts.EVAL, records[-2:])):
@@ -113,9 +113,9 @@ def bench_model(profile: str, args: argparse.Namespace, records: list[tuple[byte
     import numpy as np
     import tensorflow as tf
 
-    from components.export import BYTES_INPUT, SERVING_BYTES, SERVING_TENSOR, TENSOR_INPUT, export_serving_model
-    from components.model import build_unet
-    from pipeline.config import load_config
+    from segpipe.components.core.serving import BYTES_INPUT, SERVING_BYTES, SERVING_TENSOR, TENSOR_INPUT, export_serving_model
+    from segpipe.components.core.model import build_unet
+    from segpipe.pipeline.config import load_config
 
     cfg = load_config(profile=profile)
     size, m = cfg.transform.image_size, cfg.model

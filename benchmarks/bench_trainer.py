@@ -75,7 +75,7 @@ def write_records(folder: Path, images: np.ndarray, masks: np.ndarray, shards: i
 def compiled_model(size: int, base_filters: int, depth: int, batch_norm: bool, jit: bool = False):
     import keras
 
-    from components.model import build_unet, get_loss, segmentation_metrics
+    from segpipe.components.core.model import build_unet, get_loss, segmentation_metrics
 
     keras.utils.set_random_seed(0)
     model = build_unet((size, size, 3), 1, base_filters=base_filters, depth=depth, batch_norm=batch_norm)
@@ -95,7 +95,7 @@ def timed_fit(model, data, epochs: int, **kwargs) -> float:
 
 
 def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict:
-    from components.trainer import make_dataset
+    from segpipe.components.trainer import make_dataset
 
     images, masks = make_data(args.images, args.size)
     files = write_records(workdir / "pipeline", images, masks)
@@ -124,11 +124,11 @@ def memory_child(args: argparse.Namespace) -> None:
     model = compiled_model(args.size, args.base_filters, args.depth, True)
     files = sorted(str(p) for p in Path(args.files_dir).glob("data-*.tfrecord.gz"))
     if args.memory_child == "tfdata":
-        from components.trainer import make_dataset
+        from segpipe.components.trainer import make_dataset
 
         model.fit(make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True), epochs=1, verbose=0)
     else:  # the tutorial's way: every image in memory first
-        from components.trainer import make_dataset
+        from segpipe.components.trainer import make_dataset
 
         pairs = list(make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=False))
         images = np.concatenate([p[0].numpy() for p in pairs])

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from components import artifacts  # noqa: E402
+from segpipe.components.core import artifacts  # noqa: E402
 
 log = logging.getLogger("bench_transform")
 SCHEMA_TEXT = "".join(f'feature {{ name: "{key}" type: BYTES }}\n' for key in ("image", "mask", "id"))
@@ -43,15 +43,15 @@ SHARD_SIZE = 250
 
 def iter_demo_records(num: int, pool: int, seed: int = 0) -> Iterator[bytes]:
     """`num` raw examples; only `pool` distinct demo images are generated, then reused under new ids."""
-    from components.data_format import encode_png
-    from components.demo_data import iter_demo_examples
+    from segpipe.components.core.data_format import encode_png
+    from segpipe.components.tools.demo_data import iter_demo_examples
 
     encoded = [(encode_png(image), encode_png(mask)) for _, image, mask in iter_demo_examples(min(num, pool), seed)]
     return reuse_records(encoded, num)
 
 
 def reuse_records(encoded: list[tuple[bytes, bytes]], num: int) -> Iterator[bytes]:
-    from components.data_format import encode_example
+    from segpipe.components.core.data_format import encode_example
 
     for index in range(num):
         image_png, mask_png = encoded[index % len(encoded)]
@@ -62,7 +62,7 @@ def read_encoded(examples_uri: Path) -> list[tuple[bytes, bytes]]:
     """(image, mask) bytes of every example in an Examples artifact's train and eval splits."""
     import tensorflow as tf
 
-    from components.data_format import parse_example
+    from segpipe.components.core.data_format import parse_example
 
     files = [f for split in (artifacts.TRAIN, artifacts.EVAL) for f in artifacts.split_files(examples_uri, split)]
     return [parse_example(r.numpy())[1:] for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
@@ -179,7 +179,7 @@ def cpu_seconds() -> float:
 
 
 def time_tft(examples_uri: Path, out_root: Path, size: int, standardize: bool, beam_args: list[str]) -> tuple[float, dict]:
-    from components.transform import run_transform
+    from segpipe.components.transform import run_transform
 
     start = time.perf_counter()
     result = run_transform(

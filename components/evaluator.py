@@ -24,8 +24,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from components import artifacts, seg_metrics
-from components.errors import BadInputError
+from segpipe.components.core import artifacts, metrics as seg_metrics
+from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,14 @@ def make_model_handler(saved_model_dir: str, batch_size: int = INFERENCE_BATCH_S
             self._path = path
 
         def load_model(self) -> Any:
-            from components import export
+            from segpipe.components.core import serving
 
-            return export.load_serving_model(self._path)
+            return serving.load_serving_model(self._path)
 
         def run_inference(self, batch: Sequence[bytes], model: Any, inference_args: dict | None = None) -> Iterable[Any]:
-            from components import export
+            from segpipe.components.core import serving
 
-            masks = export.predict_bytes(model, list(batch))[export.CLASS_MASK]
+            masks = serving.predict_bytes(model, list(batch))[serving.CLASS_MASK]
             return [PredictionResult(example, mask.astype(np.uint8)) for example, mask in zip(batch, masks)]
 
         def get_num_bytes(self, batch: Sequence[bytes]) -> int:
@@ -118,7 +118,7 @@ def make_model_handler(saved_model_dir: str, batch_size: int = INFERENCE_BATCH_S
 
 
 def parse_test_record(record: bytes) -> tuple[str, bytes, bytes]:
-    from components.data_format import parse_example
+    from segpipe.components.core.data_format import parse_example
 
     try:
         return parse_example(record)
@@ -130,7 +130,7 @@ def resize_mask(mask_png: bytes, size: int, example_id: str) -> np.ndarray:
     """Decode a mask PNG and resize it to size x size with nearest neighbour (255 stays 255)."""
     from PIL import Image
 
-    from components.data_format import decode_image
+    from segpipe.components.core.data_format import decode_image
 
     mask = decode_image(mask_png)
     if mask.ndim != 2:
@@ -246,7 +246,7 @@ def run_evaluation_pipeline(files: list[str], models: dict[str, tuple[str, int]]
     """One Beam pipeline: read the records once, one RunInference branch per model."""
     import apache_beam as beam
 
-    from components.beam_utils import beam_pipeline
+    from segpipe.components.core.beam import beam_pipeline
 
     with beam_pipeline(beam_args) as pipeline:
         examples = (
@@ -279,7 +279,7 @@ class ModelUnderTest:
 
 def describe_model(name: str, uri: str, num_classes: int) -> ModelUnderTest:
     """Load the model once in the driver to check its contract and read its input size S."""
-    from components.predict import load_serving
+    from segpipe.components.tools.predict import load_serving
 
     model = load_serving(uri)
     if model.num_classes != num_classes:
@@ -298,8 +298,8 @@ def summarize_model(model: ModelUnderTest, result: dict[str, Any], num_classes: 
 def grid_rows(result: dict[str, Any]) -> list[Any]:
     from PIL import Image
 
-    from components.data_format import decode_image
-    from components.report import GridRow
+    from segpipe.components.core.data_format import decode_image
+    from segpipe.components.tools.report import GridRow
 
     rows = []
     worst = result["worst"][:NUM_GRID_EXAMPLES]
@@ -330,7 +330,7 @@ def evaluate_files(
     inputs: tuple[str | None, ...] = (),
 ) -> dict:
     """Evaluate raw example files (see module docstring); publishes ModelEvaluation and ModelBlessing."""
-    from components.report import GRID_FILE, plot_prediction_grid
+    from segpipe.components.tools.report import GRID_FILE, plot_prediction_grid
 
     if not files:
         raise BadInputError("no test records to evaluate")

@@ -30,9 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
-from components import artifacts
-from components.beam_utils import DEFAULT_BEAM_ARGS, beam_pipeline
-from components.errors import BadInputError
+from segpipe.components.core import artifacts
+from segpipe.components.core.beam import DEFAULT_BEAM_ARGS, beam_pipeline
+from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from components import artifacts
-from components.errors import BadInputError, DataAnomalyError
-from components.schema_gen import load_schema
-from components.statistics_gen import DERIVED, DERIVED_FEATURES, RAW, load_stats, stats_path, stats_splits
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError, DataAnomalyError
+from segpipe.components.schema_gen import load_schema
+from segpipe.components.statistics_gen import DERIVED, DERIVED_FEATURES, RAW, load_stats, stats_path, stats_splits
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from components import artifacts
-from components.errors import BadInputError
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

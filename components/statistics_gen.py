@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from components import artifacts
-from components.beam_utils import beam_pipeline
-from components.errors import BadInputError
+from segpipe.components.core import artifacts
+from segpipe.components.core.beam import beam_pipeline
+from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

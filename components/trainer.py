@@ -24,8 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from components import artifacts
-from components.errors import BadInputError, TrainingError
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def select_precision(mode: str) -> str:
 
 
 def create_model(image_size: int, num_classes: int, model_config: Mapping[str, Any]) -> Any:
-    from components.model import build_unet, model_classes
+    from segpipe.components.core.model import build_unet, model_classes
 
     return build_unet(
         input_shape=(image_size, image_size, 3),
@@ -222,7 +222,7 @@ def compile_model(model: Any, num_classes: int, train_config: Mapping[str, Any])
     """Adam + the configured loss + pixel accuracy / IoU / Dice (all ignore label 255)."""
     import keras
 
-    from components.model import get_loss, segmentation_metrics
+    from segpipe.components.core.model import get_loss, segmentation_metrics
 
     model.compile(
         optimizer=keras.optimizers.Adam(float(train_config["learning_rate"])),
@@ -505,7 +505,7 @@ def publish_outputs(
     parameters: dict[str, Any],
 ) -> None:
     """Model (SavedModel + model.keras) and ModelRun (logs, history, curves), both or neither."""
-    from components.export import export_serving_model
+    from segpipe.components.core.serving import export_serving_model
 
     common = {"producer": "Trainer", "parameters": parameters,
               "inputs": (transformed_examples_uri, transform_graph_uri, base_model_uri)}

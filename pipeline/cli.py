@@ -13,11 +13,11 @@ import os
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from components.errors import BadInputError, SegpipeError
-from pipeline.config import PROFILES, ConfigError, SegpipeConfig, load_config, parse_override
+from segpipe.components.core.errors import BadInputError, SegpipeError
+from segpipe.pipeline.config import PROFILES, ConfigError, SegpipeConfig, load_config, parse_override
 
 if TYPE_CHECKING:  # the importers pull in PIL; keep `segpipe --help` light
-    from components.importers import ImportReport
+    from segpipe.components.tools.importers import ImportReport
 
 log = logging.getLogger("segpipe")
 
@@ -75,7 +75,7 @@ def _serving_dir_from_args(args: argparse.Namespace) -> str:
 
 
 def _run_serving_list(args: argparse.Namespace) -> int:
-    from components.pusher import list_versions
+    from segpipe.components.pusher import list_versions
 
     serving_dir = _serving_dir_from_args(args)
     versions = list_versions(serving_dir)
@@ -97,7 +97,7 @@ def _fmt_metric(value: object) -> str:
 
 
 def _run_serving_rollback(args: argparse.Namespace) -> int:
-    from components.pusher import rollback
+    from segpipe.components.pusher import rollback
 
     result = rollback(_serving_dir_from_args(args), args.version)
     print(f"version {result['version']} now serves the model of version {args.version} ({result['path']})")
@@ -105,7 +105,7 @@ def _run_serving_rollback(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from components.predict import predict_images
+    from segpipe.components.tools.predict import predict_images
 
     result = predict_images(args.model, args.inputs, args.out, batch_size=args.batch_size)
     print(f"wrote {len(result['written'])} mask(s) and overlay(s) to {args.out}")
@@ -122,13 +122,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from components.evaluator import evaluate_files
+    from segpipe.components.evaluator import evaluate_files
 
     cfg = config_from_args(args)
     pattern = args.data
     files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else None
     if files is None:
-        from components.artifacts import TEST, split_files
+        from segpipe.components.core.artifacts import TEST, split_files
 
         files = split_files(pattern, TEST) if Path(pattern).is_dir() else ([pattern] if Path(pattern).is_file() else [])
     if not files:
@@ -203,7 +203,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def _run_demo_data(args: argparse.Namespace) -> int:
-    from components.demo_data import write_demo_data
+    from segpipe.components.tools.demo_data import write_demo_data
 
     _check_positive(args, "num", "span", "shards")
     result = write_demo_data(
@@ -235,7 +235,7 @@ def _finish_import(report: ImportReport, skip_bad: bool) -> int:
 
 
 def _run_import_oxford(args: argparse.Namespace) -> int:
-    from components.importers import import_oxford_pets
+    from segpipe.components.tools.importers import import_oxford_pets
 
     _check_positive(args, "span", "shards")
     report = import_oxford_pets(
@@ -250,7 +250,7 @@ def _run_import_oxford(args: argparse.Namespace) -> int:
 
 
 def _run_import_folders(args: argparse.Namespace) -> int:
-    from components.importers import import_folders
+    from segpipe.components.tools.importers import import_folders
 
     _check_positive(args, "span", "shards")
     report = import_folders(
@@ -314,8 +314,8 @@ _RUN_FLAGS = {  # `segpipe run` flag -> run parameter (pipeline.pipeline.RUN_PAR
 
 def _pipeline_config(args: argparse.Namespace) -> SegpipeConfig:
     """Config layers plus the run flags (the same run parameters Kubeflow exposes)."""
-    from pipeline.config import with_overrides
-    from pipeline.pipeline import RUN_PARAMETERS
+    from segpipe.pipeline.config import with_overrides
+    from segpipe.pipeline.pipeline import RUN_PARAMETERS
 
     cfg = config_from_args(args)
     overrides = {RUN_PARAMETERS[param][0]: getattr(args, flag)
@@ -324,8 +324,8 @@ def _pipeline_config(args: argparse.Namespace) -> SegpipeConfig:
 
 
 def _run_pipeline_cmd(args: argparse.Namespace) -> int:
-    from components.errors import NotBlessedError
-    from pipeline.local_runner import absolute_root, ensure_demo_data, run_pipeline
+    from segpipe.components.core.errors import NotBlessedError
+    from segpipe.pipeline.local_runner import absolute_root, ensure_demo_data, run_pipeline
 
     cfg = absolute_root(_pipeline_config(args))
     demo = ensure_demo_data(cfg, num=args.demo_size)
@@ -346,7 +346,7 @@ def _existing_metadata(args: argparse.Namespace):
     """The root's ML Metadata store; a read command never creates one on a root without runs."""
     from pathlib import Path
 
-    from pipeline.metadata import Metadata
+    from segpipe.pipeline.metadata import Metadata
 
     cfg = config_from_args(args)
     if not cfg.metadata.mysql_host and not Path(cfg.sqlite_path).is_file():
@@ -397,7 +397,7 @@ def _run_lineage_cmd(args: argparse.Namespace) -> int:
 
 
 def _run_gc_cmd(args: argparse.Namespace) -> int:
-    from pipeline.local_runner import collect_garbage
+    from segpipe.pipeline.local_runner import collect_garbage
 
     result = collect_garbage(config_from_args(args), keep=args.keep)
     for path in result.removed:
@@ -407,7 +407,7 @@ def _run_gc_cmd(args: argparse.Namespace) -> int:
 
 
 def _run_compile_cmd(args: argparse.Namespace) -> int:
-    from pipeline.kubeflow import compile_pipeline
+    from segpipe.pipeline.kubeflow import compile_pipeline
 
     out = compile_pipeline(config_from_args(args), args.out, image=args.image)
     print(f"wrote {out}")
@@ -415,7 +415,7 @@ def _run_compile_cmd(args: argparse.Namespace) -> int:
 
 
 def _kfp_arguments(args: argparse.Namespace) -> dict[str, object]:
-    from pipeline.pipeline import RUN_PARAMETERS
+    from segpipe.pipeline.pipeline import RUN_PARAMETERS
 
     values = dict(parse_override(item) for item in args.params)
     for name in values:
@@ -427,7 +427,7 @@ def _kfp_arguments(args: argparse.Namespace) -> dict[str, object]:
 def _run_submit_cmd(args: argparse.Namespace, schedule: bool = False) -> int:
     import tempfile
 
-    from pipeline import kubeflow
+    from segpipe.pipeline import kubeflow
 
     cfg = config_from_args(args)
     arguments = _kfp_arguments(args)
@@ -519,7 +519,7 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_schema_infer(args: argparse.Namespace) -> int:
-    from components.schema_gen import infer_schema_draft
+    from segpipe.components.schema_gen import infer_schema_draft
 
     result = infer_schema_draft(args.stats, args.out)
     print(f"wrote a draft schema with features {', '.join(result['features'])} to {result['path']}")
@@ -544,8 +544,8 @@ def _run_train(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from components.artifacts import fingerprint
-    from components.trainer import train_model
+    from segpipe.components.core.artifacts import fingerprint
+    from segpipe.components.trainer import train_model
 
     cfg = config_from_args(args)
     key = fingerprint(str(Path(args.transformed).resolve()), str(Path(args.model).resolve()), cfg.as_dict())

@@ -165,7 +165,7 @@ class SegpipeConfig:
 
     @property
     def schema_path(self) -> str:
-        return self.validation.schema_path or str(resources.files("schemas") / "schema.pbtxt")
+        return self.validation.schema_path or str(resources.files("segpipe.schemas") / "schema.pbtxt")
 
     @property
     def input_pattern(self) -> str:

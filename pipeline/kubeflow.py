@@ -20,9 +20,9 @@ from typing import Any, Callable, NamedTuple, Optional
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components import artifacts
-from pipeline.config import SegpipeConfig, load_config, with_overrides
-from pipeline.pipeline import (
+from segpipe.components.core import artifacts
+from segpipe.pipeline.config import SegpipeConfig, load_config, with_overrides
+from segpipe.pipeline.pipeline import (
     RUN_PARAMETERS,
     Node,
     NodeContext,
@@ -92,7 +92,7 @@ def run_node(name: str, config: str, **arguments: Any) -> str:
 
 def make_config(base_config: str, profile: str, input_pattern: str, span: int, pixel_accuracy_threshold: float,
                 epochs: int, image_size: int, root: str) -> str:
-    from pipeline.kubeflow import resolve_run_config
+    from segpipe.pipeline.kubeflow import resolve_run_config
 
     return resolve_run_config(base_config, profile, {
         "input_pattern": input_pattern, "span": span, "pixel_accuracy_threshold": pixel_accuracy_threshold,
@@ -100,32 +100,32 @@ def make_config(base_config: str, profile: str, input_pattern: str, span: int, p
 
 
 def example_gen(config: str, examples: Output[Dataset]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("example_gen", config, examples=examples)
 
 
 def statistics_gen(config: str, examples: Input[Dataset], statistics: Output[Artifact]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("statistics_gen", config, examples=examples, statistics=statistics)
 
 
 def schema_gen(config: str, schema: Output[Artifact]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("schema_gen", config, schema=schema)
 
 
 def previous_statistics(config: str) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("previous_statistics", config)
 
 
 def example_validator(config: str, statistics: Input[Artifact], schema: Input[Artifact], examples: Input[Dataset],
                       previous_statistics: str, anomalies: Output[Artifact]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("example_validator", config, statistics=statistics, schema=schema, examples=examples,
                     previous_statistics=previous_statistics, anomalies=anomalies)
@@ -133,21 +133,21 @@ def example_validator(config: str, statistics: Input[Artifact], schema: Input[Ar
 
 def transform(config: str, examples: Input[Dataset], schema: Input[Artifact],
               transformed_examples: Output[Dataset], transform_graph: Output[Artifact]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("transform", config, examples=examples, schema=schema,
                     transformed_examples=transformed_examples, transform_graph=transform_graph)
 
 
 def latest_model(config: str) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("latest_model", config)
 
 
 def trainer(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact], base_model: str,
             model: Output[Model], model_run: Output[Artifact]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("trainer", config, transformed_examples=transformed_examples, transform_graph=transform_graph,
                     base_model=base_model, model=model, model_run=model_run)
@@ -158,7 +158,7 @@ def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseli
               ) -> NamedTuple("EvaluatorOutputs", [("result", str), ("blessed", bool)]):
     import json
 
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     result = run_node("evaluator", config, model=model, examples=examples, baseline_model=baseline_model,
                       evaluation=evaluation, blessing=blessing)
@@ -168,7 +168,7 @@ def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseli
 def pusher(config: str, model: Input[Model], blessing: Input[Artifact], evaluation: Input[Artifact],
            examples: Input[Dataset], statistics: Input[Artifact], run_id: str,
            pushed_model: Output[Artifact]) -> str:
-    from pipeline.kubeflow import run_node
+    from segpipe.pipeline.kubeflow import run_node
 
     return run_node("pusher", config, model=model, blessing=blessing, evaluation=evaluation,
                     examples=examples, statistics=statistics, run_id=run_id, pushed_model=pushed_model)
@@ -354,7 +354,7 @@ def describe_api_error(host: str, exc: BaseException) -> str:
 
 def normalize_cron(expression: str) -> str:
     """KFP's scheduler wants 6 fields (seconds first); a classic 5-field cron gets `0` seconds."""
-    from components.errors import BadInputError
+    from segpipe.components.core.errors import BadInputError
 
     fields = expression.split()
     if len(fields) == 5:

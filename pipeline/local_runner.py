@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from components import artifacts
-from components.errors import BadInputError, NotBlessedError, SegpipeError
-from components.example_gen import resolve_spans
-from pipeline import metadata as md
-from pipeline.config import SegpipeConfig, with_overrides
-from pipeline.pipeline import (
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError, NotBlessedError, SegpipeError
+from segpipe.components.example_gen import resolve_spans
+from segpipe.pipeline import metadata as md
+from segpipe.pipeline.config import SegpipeConfig, with_overrides
+from segpipe.pipeline.pipeline import (
     SERVING_INFO_FILE,
     Node,
     NodeContext,
@@ -307,7 +307,7 @@ def ensure_demo_data(cfg: SegpipeConfig, num: int = DEMO_NUM_IMAGES) -> str | No
     data_root = Path(cfg.data_root)
     if cfg.data.root or any(data_root.glob("span-*")):
         return None
-    from components.demo_data import write_demo_data
+    from segpipe.components.tools.demo_data import write_demo_data
 
     written = write_demo_data(data_root, num=num, span=1, progress=False)
     return written["path"]
@@ -392,7 +392,7 @@ def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
 def write_report(runner: LocalRunner, run: RunResult) -> str | None:
     """Helper D's HTML run report from this run's artifacts; never fails the run."""
     try:
-        from components import report
+        from segpipe.components.tools import report
     except ImportError:
         return None
     evaluator = runner.resolved.get("evaluator")
@@ -440,7 +440,7 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
 
     Holds the root lock exclusively, so it waits for running pipelines and none starts meanwhile.
     """
-    from components.pusher import list_version_numbers
+    from segpipe.components.pusher import list_version_numbers
 
     cfg = absolute_root(cfg)
     root = Path(cfg.root)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from components.errors import BadInputError
-from pipeline.config import SegpipeConfig
+from segpipe.components.core.errors import BadInputError
+from segpipe.pipeline.config import SegpipeConfig
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from components import artifacts
-from components.evaluator import evaluate_model
-from components.example_gen import resolve_spans, run_example_gen
-from components.example_validator import validate_examples
-from components.pusher import SERVING_INFO_FILE, latest_blessed_model, push_model
-from components.schema_gen import import_schema
-from components.statistics_gen import generate_statistics
-from components.trainer import train_model
-from components.transform import run_transform
-from pipeline.config import SegpipeConfig
+from segpipe.components.core import artifacts
+from segpipe.components.evaluator import evaluate_model
+from segpipe.components.example_gen import resolve_spans, run_example_gen
+from segpipe.components.example_validator import validate_examples
+from segpipe.components.pusher import SERVING_INFO_FILE, latest_blessed_model, push_model
+from segpipe.components.schema_gen import import_schema
+from segpipe.components.statistics_gen import generate_statistics
+from segpipe.components.trainer import train_model
+from segpipe.components.transform import run_transform
+from segpipe.pipeline.config import SegpipeConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The curated TFDV schema (`schema.pbtxt`), shipped as package data."""

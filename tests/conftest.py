@@ -37,7 +37,7 @@ def write_tiny_span() -> Callable[..., Path]:
     Writes a span of raw examples in segpipe's format (ids `s<span>-<i>`) plus labels.json and
     returns the span folder.
     """
-    from components.data_format import encode_example, encode_png, write_labels, write_span
+    from segpipe.components.core.data_format import encode_example, encode_png, write_labels, write_span
 
     def _write(
         data_root: str | os.PathLike,
@@ -67,8 +67,8 @@ def _export_constant_rule_model(model_uri: Path, transform_graph_uri: Path, imag
     """A 1x1-conv sigmoid "U-Net" p = sigmoid(weight * mean(rgb) + bias), exported like a trained one."""
     import keras
 
-    from components.artifacts import KERAS_MODEL_FILE, SAVED_MODEL_DIR
-    from components.export import export_serving_model
+    from segpipe.components.core.artifacts import KERAS_MODEL_FILE, SAVED_MODEL_DIR
+    from segpipe.components.core.serving import export_serving_model
 
     inputs = keras.Input((image_size, image_size, 3))
     layer = keras.layers.Conv2D(1, 1, activation="sigmoid", name="rule")
@@ -89,9 +89,9 @@ def tiny_transform(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """
     import tensorflow as tf
 
-    from components import artifacts
-    from components.data_format import encode_example, encode_png
-    from components.transform import run_transform
+    from segpipe.components.core import artifacts
+    from segpipe.components.core.data_format import encode_example, encode_png
+    from segpipe.components.transform import run_transform
 
     root = tmp_path_factory.mktemp("tiny_transform")
     rng = np.random.default_rng(7)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.cli import build_parser, main
+from segpipe.pipeline.cli import build_parser, main
 
 
 def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import ConfigError, load_config, parse_override, with_overrides
+from segpipe.pipeline.cli import main
+from segpipe.pipeline.config import ConfigError, load_config, parse_override, with_overrides
 
 BAD_CONFIGS = [
     ("unknown top-level key", "trainer:\n  epochs: 3\n", "trainer: unknown key"),

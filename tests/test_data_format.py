@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from components import data_format
-from components.errors import BadInputError
+from segpipe.components.core import data_format
+from segpipe.components.core.errors import BadInputError
 
 
 def _arrays(seed: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

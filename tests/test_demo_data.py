@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import data_format
-from components.demo_data import (
+from segpipe.components.core import data_format
+from segpipe.components.tools.demo_data import (
     FOREGROUND_RANGE,
     LABELS,
     SIZE_RANGE,
@@ -14,7 +14,7 @@ from components.demo_data import (
     iter_demo_examples,
     write_demo_data,
 )
-from pipeline.cli import main
+from segpipe.pipeline.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import artifacts, seg_metrics
-from components.errors import BadInputError
-from components.evaluator import decide_blessing, evaluate_model
-from pipeline import cli
+from segpipe.components.core import artifacts, metrics as seg_metrics
+from segpipe.components.core.errors import BadInputError
+from segpipe.components.evaluator import decide_blessing, evaluate_model
+from segpipe.pipeline import cli
 
 GATE = {"pixel_accuracy_threshold": 0.9, "min_foreground_iou": 0.5, "max_regression": 0.01}
 BEAM_ARGS = ["--runner=FnApiRunner"]
@@ -54,7 +54,7 @@ def write_test_split(span_folder: Path, examples_uri: Path) -> dict[str, tuple[b
     """Copy a raw span into `Split-test/` in two shards, masks with a 255 (ignore) top row."""
     import tensorflow as tf
 
-    from components.data_format import decode_image, encode_example, encode_png, parse_example
+    from segpipe.components.core.data_format import decode_image, encode_example, encode_png, parse_example
 
     files = sorted(str(p) for p in span_folder.glob("*.tfrecord*"))
     written = {}
@@ -78,12 +78,12 @@ def expected_confusion(model_dir: Path, written: dict[str, tuple[bytes, bytes]])
     """Reference: the signature called directly, masks resized with PIL nearest, counts summed."""
     from PIL import Image
 
-    from components import export
-    from components.data_format import decode_image
+    from segpipe.components.core import serving
+    from segpipe.components.core.data_format import decode_image
 
-    loaded = export.load_serving_model(model_dir / artifacts.SAVED_MODEL_DIR)
+    loaded = serving.load_serving_model(model_dir / artifacts.SAVED_MODEL_DIR)
     ids = sorted(written)
-    masks = export.predict_bytes(loaded, [written[i][0] for i in ids])[export.CLASS_MASK]
+    masks = serving.predict_bytes(loaded, [written[i][0] for i in ids])[serving.CLASS_MASK]
     total = np.zeros((2, 2), np.int64)
     per_example = {}
     for example_id, pred in zip(ids, masks):
@@ -169,7 +169,7 @@ def test_missing_test_split_is_bad_input(tmp_path: Path, rule_models: dict) -> N
 def test_bad_mask_label_names_the_example_and_publishes_nothing(tmp_path: Path, rule_models: dict) -> None:
     import tensorflow as tf
 
-    from components.data_format import encode_example, encode_png
+    from segpipe.components.core.data_format import encode_example, encode_png
 
     folder = artifacts.split_dir(tmp_path / "examples", artifacts.TEST)
     folder.mkdir(parents=True)

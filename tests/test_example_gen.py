@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import artifacts
-from components.data_format import encode_example, encode_png, span_dir, write_span
-from components.errors import BadInputError
-from components.example_gen import assign_split, resolve_spans, run_example_gen, split_order
+from segpipe.components.core import artifacts
+from segpipe.components.core.data_format import encode_example, encode_png, span_dir, write_span
+from segpipe.components.core.errors import BadInputError
+from segpipe.components.example_gen import assign_split, resolve_spans, run_example_gen, split_order
 
 PATTERN = "span-{SPAN}/*.tfrecord*"
 SPLITS = split_order({"train": 80, "eval": 10, "test": 10})
@@ -100,7 +100,7 @@ def test_split_is_stable_across_processes():
     """Another interpreter with another hash seed assigns the same splits (no Python hash())."""
     ids = [f"img-{i}" for i in range(200)]
     code = (
-        "import json, sys; from components.example_gen import assign_split, split_order;"
+        "import json, sys; from segpipe.components.example_gen import assign_split, split_order;"
         "s = split_order({'train': 80, 'eval': 10, 'test': 10});"
         "print(json.dumps([assign_split(i, s) for i in json.loads(sys.argv[1])]))"
     )
@@ -260,7 +260,7 @@ def test_skip_bad_records_counts_logs_and_keeps_the_rest(tmp_path, caplog):
     _write_raw_tfrecord(folder / "b.tfrecord", [good[4], _good_record("g-0", seed=99)])  # duplicate g-0
     (folder / "c.tfrecord").write_text("not a tfrecord at all")
 
-    with caplog.at_level("WARNING", logger="components.example_gen"):
+    with caplog.at_level("WARNING", logger="segpipe.components.example_gen"):
         result = run_example_gen(_pattern(tmp_path / "data"), str(tmp_path / "ex"), skip_bad_records=True)
 
     kept = {i for s in artifacts.SPLITS for i in _ids(_read_split(tmp_path / "ex", s))}

@@ -7,19 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import artifacts
-from components.data_format import encode_example, encode_png, write_span
-from components.errors import DataAnomalyError
-from components.example_gen import run_example_gen
-from components.example_validator import (
+from segpipe.components.core import artifacts
+from segpipe.components.core.data_format import encode_example, encode_png, write_span
+from segpipe.components.core.errors import DataAnomalyError
+from segpipe.components.example_gen import run_example_gen
+from segpipe.components.example_validator import (
     DRIFT_ANOMALIES_FILE,
     SUMMARY_HTML,
     SUMMARY_JSON,
     SUMMARY_TEXT,
     validate_examples,
 )
-from components.schema_gen import import_schema
-from components.statistics_gen import generate_statistics
+from segpipe.components.schema_gen import import_schema
+from segpipe.components.statistics_gen import generate_statistics
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "schema.pbtxt"
 BEAM = ["--runner=FnApiRunner"]

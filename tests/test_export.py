@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import artifacts
-from components.export import (
+from segpipe.components.core import artifacts
+from segpipe.components.core.serving import (
     CLASS_MASK,
     PROBABILITIES,
     export_serving_model,
@@ -49,7 +49,7 @@ def exported(tiny_transform, tmp_path_factory):
     """A tiny random U-Net exported with the real transform graph, plus the eval pixels and bytes."""
     import keras
 
-    from components.model import build_unet
+    from segpipe.components.core.model import build_unet
 
     keras.utils.set_random_seed(3)
     model = build_unet((SIZE, SIZE, 3), 1, base_filters=4, depth=2)
@@ -81,7 +81,7 @@ def test_serve_tensor_on_normalized_pixels_equals_keras_model(exported):
 
 
 def test_multiclass_export_returns_argmax_mask(tiny_transform, tmp_path):
-    from components.model import build_unet
+    from segpipe.components.core.model import build_unet
 
     model = build_unet((SIZE, SIZE, 3), 3, base_filters=2, depth=1)
     export_serving_model(model, str(tiny_transform["graph"]), tmp_path / "sm", image_size=SIZE, num_classes=3)

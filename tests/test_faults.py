@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import artifacts
-from components.data_format import encode_example, encode_png, write_labels, write_span
-from pipeline.cli import main
+from segpipe.components.core import artifacts
+from segpipe.components.core.data_format import encode_example, encode_png, write_labels, write_span
+from segpipe.pipeline.cli import main
 
 @pytest.fixture(scope="session")
 def run_args(tiny_pipeline_overrides):
@@ -207,9 +207,9 @@ def read_ids(files: list[str]) -> set[str]:
 @pytest.mark.slow
 def test_every_anomaly_kind_stops_at_the_validator_and_never_reaches_training(tmp_path, capsys, run_args,
                                                                               tiny_pipeline_overrides):
-    from pipeline.config import load_config
-    from pipeline.local_runner import run_pipeline
-    from pipeline.pipeline import create_pipeline
+    from segpipe.pipeline.config import load_config
+    from segpipe.pipeline.local_runner import run_pipeline
+    from segpipe.pipeline.pipeline import create_pipeline
 
     root = tmp_path / "root"
     bad = anomalous_records()
@@ -260,7 +260,7 @@ def hold():
 
 if pause == "training":
     import keras
-    from components import trainer
+    from segpipe.components import trainer
     make_callbacks = trainer.make_callbacks
 
     class HoldAfterFirstEpoch(keras.callbacks.Callback):
@@ -269,14 +269,14 @@ if pause == "training":
 
     trainer.make_callbacks = lambda *a, **k: [*make_callbacks(*a, **k), HoldAfterFirstEpoch()]
 elif pause == "push":
-    from components import pusher
+    from segpipe.components import pusher
 
     def half_copy(src, dst):
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("variables"))
         hold()
 
     pusher.copy_tree = half_copy
-from pipeline.cli import main
+from segpipe.pipeline.cli import main
 sys.exit(main(argv))
 """
 

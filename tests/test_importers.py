@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from components import data_format
-from components.errors import BadInputError
-from components.importers import import_folders, import_oxford_pets, load_mask
-from pipeline.cli import main
+from segpipe.components.core import data_format
+from segpipe.components.core.errors import BadInputError
+from segpipe.components.tools.importers import import_folders, import_oxford_pets, load_mask
+from segpipe.pipeline.cli import main
 
 H, W = 12, 16
 

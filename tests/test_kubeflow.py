@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.kubeflow import build_pipeline, check_component, compile_pipeline, normalize_cron, parse_toleration
-from pipeline.pipeline import Node, RUN_PARAMETERS, create_pipeline
+from segpipe.pipeline.cli import main
+from segpipe.pipeline.config import load_config
+from segpipe.pipeline.kubeflow import build_pipeline, check_component, compile_pipeline, normalize_cron, parse_toleration
+from segpipe.pipeline.pipeline import Node, RUN_PARAMETERS, create_pipeline
 
 IMAGE = "registry.example.com/segpipe:1.2.3"
 
@@ -93,7 +93,7 @@ def test_local_build_leaves_out_the_condition(gpu_cfg):
 def test_component_signatures_must_match_their_nodes(gpu_cfg):
     from kfp import dsl
 
-    from pipeline import kubeflow
+    from segpipe.pipeline import kubeflow
 
     trainer = {n.name: n for n in create_pipeline(gpu_cfg)}["trainer"]
     component = dsl.component(kubeflow.trainer, base_image=IMAGE, install_kfp_package=False)

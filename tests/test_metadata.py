@@ -5,9 +5,9 @@ import logging
 
 import pytest
 
-from components.errors import BadInputError
-from pipeline import metadata as md
-from pipeline.config import load_config
+from segpipe.components.core.errors import BadInputError
+from segpipe.pipeline import metadata as md
+from segpipe.pipeline.config import load_config
 
 
 @pytest.fixture

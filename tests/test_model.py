@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from components.model import (
+from segpipe.components.core.model import (
     SegmentationMetric,
     build_unet,
     dice,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from segpipe.pipeline.cli import main
 
 HEIGHT, WIDTH = 40, 48
 CLASSES = {0: "background", 1: "stripes", 2: "dots"}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from components import artifacts
-from components.errors import BadInputError, DataAnomalyError
-from pipeline import metadata as md
-from pipeline.config import load_config
-from pipeline.local_runner import collect_garbage, run_pipeline
-from pipeline.pipeline import Node, Ref, check_order
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError, DataAnomalyError
+from segpipe.pipeline import metadata as md
+from segpipe.pipeline.config import load_config
+from segpipe.pipeline.local_runner import collect_garbage, run_pipeline
+from segpipe.pipeline.pipeline import Node, Ref, check_order
 
 
 # ------------------------------------------------------------------ fake components
@@ -212,7 +212,7 @@ def test_gc_keeps_recent_runs_and_frees_old_artifacts(tmp_path):
 
 
 def test_gc_and_runs_commands(tmp_path, capsys):
-    from pipeline.cli import main
+    from segpipe.pipeline.cli import main
 
     calls = Calls()
     run_pipeline(tiny_cfg(tmp_path, **{"train.epochs": 4}), nodes=fake_nodes(calls))
@@ -258,7 +258,7 @@ def _cli_args(overrides: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_segpipe_run_end_to_end_gates_then_pushes_from_cache(tmp_path, write_tiny_span, tiny_pipeline_overrides, capsys):
-    from pipeline.cli import main
+    from segpipe.pipeline.cli import main
 
     root = tmp_path / "root"
     write_tiny_span(root / "data", 1, num=32, size=(32, 32))
@@ -304,7 +304,7 @@ def test_segpipe_run_end_to_end_gates_then_pushes_from_cache(tmp_path, write_tin
 
 @pytest.mark.slow
 def test_segpipe_run_bad_input_exits_2(tmp_path, write_tiny_span, tiny_pipeline_overrides, capsys):
-    from pipeline.cli import main
+    from segpipe.pipeline.cli import main
 
     root = tmp_path / "root"
     write_tiny_span(root / "data", 1, num=8, size=(32, 32))

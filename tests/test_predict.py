@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import artifacts, predict
-from pipeline import cli
+from segpipe.components.core import artifacts
+
+from segpipe.components.tools import predict
+from segpipe.pipeline import cli
 
 
 def bright_rectangle(height: int, width: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,14 +47,14 @@ def image_files(tmp_path: Path) -> dict[str, Path]:
 
 def reference_mask(model_uri: Path, path: Path) -> np.ndarray:
     """The signature called directly on the RGB PNG of the file, upsampled nearest to the original size."""
-    from components import export
+    from segpipe.components.core import serving
 
     rgb = Image.open(path).convert("RGB")
     buf = io.BytesIO()
     rgb.save(buf, format="PNG")
     data = path.read_bytes() if path.suffix in (".png", ".jpg") and Image.open(path).mode == "RGB" else buf.getvalue()
-    loaded = export.load_serving_model(model_uri / artifacts.SAVED_MODEL_DIR)
-    small = export.predict_bytes(loaded, [data])[export.CLASS_MASK][0].astype(np.uint8)
+    loaded = serving.load_serving_model(model_uri / artifacts.SAVED_MODEL_DIR)
+    small = serving.predict_bytes(loaded, [data])[serving.CLASS_MASK][0].astype(np.uint8)
     return np.asarray(Image.fromarray(small).resize(rgb.size, Image.NEAREST))
 
 

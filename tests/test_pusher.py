@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from components import artifacts, pusher
-from components.errors import BadInputError
-from pipeline import cli
+from segpipe.components.core import artifacts
+
+from segpipe.components import pusher
+from segpipe.components.core.errors import BadInputError
+from segpipe.pipeline import cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +150,7 @@ def test_push_killed_midway_is_invisible_and_cleaned_up(tmp_path: Path, blessed:
         f"""
         import shutil, time
         from pathlib import Path
-        from components import pusher
+        from segpipe.components import pusher
 
         def slow_copy(src, dst):
             dst.mkdir()

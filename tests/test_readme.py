@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from segpipe.pipeline.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}

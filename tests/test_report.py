@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from components import artifacts, report
-from components.predict import PALETTE
+from segpipe.components.core import artifacts
+
+from segpipe.components.tools import report
+from segpipe.components.tools.predict import PALETTE
 
 
 def grid_rows(n: int) -> list[report.GridRow]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import metadata as md
-from pipeline.config import load_config
-from pipeline.local_runner import run_pipeline
+from segpipe.pipeline import metadata as md
+from segpipe.pipeline.config import load_config
+from segpipe.pipeline.local_runner import run_pipeline
 
 
 def _versions(serving: Path) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from segpipe.pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("components", "pipeline", "schemas")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import artifacts
-from components.errors import BadInputError
-from components.example_gen import run_example_gen
-from components.schema_gen import import_schema, infer_schema_draft, load_schema
-from components.statistics_gen import (
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError
+from segpipe.components.example_gen import run_example_gen
+from segpipe.components.schema_gen import import_schema, infer_schema_draft, load_schema
+from segpipe.components.statistics_gen import (
     DERIVED,
     DERIVED_FEATURES,
     REPORT_FILE,
@@ -134,7 +134,7 @@ def test_import_schema_rejects_unparsable_or_incomplete_schemas(tmp_path):
 
 
 def test_schema_infer_cli_writes_a_reviewable_draft(stats_run, tmp_path):
-    from pipeline.cli import main
+    from segpipe.pipeline.cli import main
 
     out = tmp_path / "drafts" / "schema.pbtxt"
     assert main(["schema", "infer", "--stats", str(stats_run["statistics"]), "--out", str(out)]) == 0

@@ -8,15 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from components import artifacts, trainer
-from components.errors import BadInputError, TrainingError
+from segpipe.components.core import artifacts
+
+from segpipe.components import trainer
+from segpipe.components.core.errors import BadInputError, TrainingError
 
 SIZE = 32
 MODEL_CONFIG = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
 
 
 def train_config(**overrides: object) -> dict:
-    from pipeline.config import load_config
+    from segpipe.pipeline.config import load_config
 
     cfg = load_config(overrides={"train.epochs": 2, "train.batch_size": 2, "train.shuffle_buffer": 8})
     return {**dataclasses.asdict(cfg.train), **overrides}
@@ -186,7 +188,7 @@ def test_precision_policy_choice_on_cpu():
 
 
 def test_cli_train_reports_bad_input_with_exit_code_2(tiny_transform, tmp_path, capsys):
-    from pipeline.cli import main
+    from segpipe.pipeline.cli import main
 
     code = main([
         "train", "--transformed", str(tiny_transform["transformed"]), "--transform-graph", str(tiny_transform["graph"]),

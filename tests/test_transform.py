@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components import artifacts
-from components.data_format import decode_image, encode_example, encode_png, parse_example
-from components.errors import BadInputError
+from segpipe.components.core import artifacts
+from segpipe.components.core.data_format import decode_image, encode_example, encode_png, parse_example
+from segpipe.components.core.errors import BadInputError
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 3
@@ -115,7 +115,7 @@ def raw_artifacts(tmp_path, write_tiny_span):
 
 
 def run(root: Path, standardize: bool) -> dict:
-    from components.transform import run_transform
+    from segpipe.components.transform import run_transform
 
     return run_transform(
         str(root / "examples"),
@@ -155,7 +155,7 @@ def test_standardize_uses_train_statistics_and_serves_image_only(raw_artifacts, 
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    from components.transform import load_serving_transform
+    from segpipe.components.transform import load_serving_transform
 
     root, written = raw_artifacts
     run(root, standardize=True)
@@ -197,7 +197,7 @@ def test_standardize_uses_train_statistics_and_serves_image_only(raw_artifacts, 
 def test_missing_mask_at_serving_becomes_ignore():
     import tensorflow as tf
 
-    from components.transform import decode_resize_mask
+    from segpipe.components.transform import decode_resize_mask
 
     mask = decode_resize_mask(tf.constant([b"", encode_png(np.ones((5, 7), np.uint8))]), 4).numpy()
     assert (mask[0] == artifacts.IGNORE_LABEL).all()

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from components import seg_metrics as sm
+from segpipe.components.core import metrics as sm
 
 
 def test_binary_masks_with_ignore_pixel() -> None:

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from components.data_format import encode_example, encode_png, next_span, write_labels, write_span
+from segpipe.components.core.data_format import encode_example, encode_png, next_span, write_labels, write_span
 
 log = logging.getLogger(__name__)
 

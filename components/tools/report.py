@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from components import artifacts
+from segpipe.components.core import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class GridRow:
 
 def mask_to_rgb(mask: np.ndarray) -> np.ndarray:
     """Class ids -> colours (predict.PALETTE), ignore (255) -> grey."""
-    from components.predict import PALETTE
+    from segpipe.components.tools.predict import PALETTE
 
     rgb = PALETTE[np.asarray(mask, dtype=np.int64) % len(PALETTE)]
     rgb[np.asarray(mask) == artifacts.IGNORE_LABEL] = IGNORE_COLOUR

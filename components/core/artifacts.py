@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
+from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -96,8 +97,8 @@ def code_version() -> str:
     except importlib_metadata.PackageNotFoundError:
         version = "0+unknown"
     digest = hashlib.sha256()
-    for package in ("components", "schemas"):
-        root = Path(__file__).resolve().parent.parent / package
+    for package in ("segpipe.components", "segpipe.schemas"):
+        root = Path(str(importlib_resources.files(package)))
         for path in sorted(root.rglob("*")):
             if path.suffix in (".py", ".pbtxt") and "__pycache__" not in path.parts:
                 digest.update(path.relative_to(root.parent).as_posix().encode())

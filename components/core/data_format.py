@@ -17,8 +17,8 @@ from typing import Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from components.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY
-from components.errors import BadInputError
+from segpipe.components.core.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY
+from segpipe.components.core.errors import BadInputError
 
 LABELS_FILE = "labels.json"
 SPAN_DIR = "span-{span}"

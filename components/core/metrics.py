@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from components.artifacts import IGNORE_LABEL
+from segpipe.components.core.artifacts import IGNORE_LABEL
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

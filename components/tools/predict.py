@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from components.errors import BadInputError
+from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -48,34 +48,34 @@ class ServingModel:
 
 def load_serving(path: str | os.PathLike) -> ServingModel:
     """Load a SavedModel / Model artifact / serving dir (its latest) and check the serving contract."""
-    from components import export
-    from components.pusher import resolve_saved_model
+    from segpipe.components.core import serving
+    from segpipe.components.pusher import resolve_saved_model
 
     saved_model = resolve_saved_model(path)
-    loaded = export.load_serving_model(saved_model)
-    signature = loaded.signatures.get(export.SERVING_BYTES)
+    loaded = serving.load_serving_model(saved_model)
+    signature = loaded.signatures.get(serving.SERVING_BYTES)
     if signature is None:
-        raise BadInputError(f"{saved_model}: no '{export.SERVING_BYTES}' signature")
+        raise BadInputError(f"{saved_model}: no '{serving.SERVING_BYTES}' signature")
     inputs = signature.structured_input_signature[1]
     outputs = signature.structured_outputs
-    if export.BYTES_INPUT not in inputs or not {export.CLASS_MASK, export.PROBABILITIES} <= set(outputs):
+    if serving.BYTES_INPUT not in inputs or not {serving.CLASS_MASK, serving.PROBABILITIES} <= set(outputs):
         raise BadInputError(
-            f"{saved_model}: '{export.SERVING_BYTES}' must take '{export.BYTES_INPUT}' and return "
-            f"'{export.PROBABILITIES}' and '{export.CLASS_MASK}'"
+            f"{saved_model}: '{serving.SERVING_BYTES}' must take '{serving.BYTES_INPUT}' and return "
+            f"'{serving.PROBABILITIES}' and '{serving.CLASS_MASK}'"
         )
-    size = outputs[export.CLASS_MASK].shape[1]
-    channels = outputs[export.PROBABILITIES].shape[-1]
+    size = outputs[serving.CLASS_MASK].shape[1]
+    channels = outputs[serving.PROBABILITIES].shape[-1]
     if size is None or channels is None:
-        raise BadInputError(f"{saved_model}: '{export.CLASS_MASK}' has no static image size")
+        raise BadInputError(f"{saved_model}: '{serving.CLASS_MASK}' has no static image size")
     return ServingModel(saved_model, loaded, int(size), 2 if channels == 1 else int(channels))
 
 
 def predict_class_masks(model: ServingModel, encoded_images: list[bytes]) -> np.ndarray:
     """uint8 [N, S, S] class ids from `serving_default` for PNG/JPEG bytes."""
-    from components import export
+    from segpipe.components.core import serving
 
-    outputs = export.predict_bytes(model.loaded, encoded_images)
-    return outputs[export.CLASS_MASK].astype(np.uint8)
+    outputs = serving.predict_bytes(model.loaded, encoded_images)
+    return outputs[serving.CLASS_MASK].astype(np.uint8)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

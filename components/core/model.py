@@ -15,7 +15,7 @@ from typing import Any
 import keras
 from keras import layers, ops
 
-from components.artifacts import IGNORE_LABEL
+from segpipe.components.core.artifacts import IGNORE_LABEL
 
 EPSILON = 1e-7
 

@@ -31,8 +31,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from components.artifacts import IGNORE_LABEL
-from components.data_format import (
+from segpipe.components.core.artifacts import IGNORE_LABEL
+from segpipe.components.core.data_format import (
     LABELS_FILE,
     encode_example,
     encode_png,
@@ -41,7 +41,7 @@ from components.data_format import (
     write_labels,
     write_span,
 )
-from components.errors import BadInputError
+from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ def export_serving_model(
     import keras
     import tensorflow as tf
 
-    from components.transform import load_serving_transform
+    from segpipe.components.transform import load_serving_transform
 
     channels = keras_model.output_shape[-1]
     expected = 1 if num_classes == 2 else num_classes

@@ -1,0 +1,1 @@
+"""Libraries the pipeline steps and tools share: artifact contract, data format, model, metrics, serving."""

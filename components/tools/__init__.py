@@ -1,0 +1,1 @@
+"""User tools behind CLI commands: demo data, importers, predict, the run report."""
