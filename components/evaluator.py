@@ -279,7 +279,7 @@ class ModelUnderTest:
 
 def describe_model(name: str, uri: str, num_classes: int) -> ModelUnderTest:
     """Load the model once in the driver to check its contract and read its input size S."""
-    from segpipe.components.tools.predict import load_serving
+    from segpipe.components.core.serving import load_serving
 
     model = load_serving(uri)
     if model.num_classes != num_classes:

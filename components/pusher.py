@@ -23,56 +23,22 @@ from typing import Any, Iterator
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.errors import BadInputError
+from segpipe.components.core.serving import (
+    SAVED_MODEL_PB,
+    SERVING_INFO_FILE,
+    list_version_numbers,
+    read_serving_info,
+)
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".segpipe-push.lock"
 TMP_PREFIX = ".push-tmp-"
 TRASH_PREFIX = ".pruned-"
-SERVING_INFO_FILE = "segpipe.json"
 PUSH_RESULT_FILE = "pushed_model.json"
-SAVED_MODEL_PB = "saved_model.pb"
 
 
 # ------------------------------------------------------------------ reading the serving dir
-
-
-def list_version_numbers(serving_dir: str | os.PathLike) -> list[int]:
-    """Numeric version folders, ascending; hidden temp folders and files are ignored."""
-    root = Path(serving_dir)
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def latest_blessed_model(serving_dir: str | os.PathLike) -> str | None:
-    """The highest version folder (only blessed models are ever pushed), or None."""
-    versions = list_version_numbers(serving_dir)
-    return str(Path(serving_dir) / str(versions[-1])) if versions else None
-
-
-def resolve_saved_model(path: str | os.PathLike) -> Path:
-    """A SavedModel folder from a Model artifact, a SavedModel folder or a serving dir (its latest).
-
-    Raises BadInputError naming the path when none of the three layouts is found.
-    """
-    path = Path(path)
-    if (path / artifacts.SAVED_MODEL_DIR / SAVED_MODEL_PB).is_file():
-        return path / artifacts.SAVED_MODEL_DIR
-    if (path / SAVED_MODEL_PB).is_file():
-        return path
-    latest = latest_blessed_model(path)
-    if latest is not None and (Path(latest) / SAVED_MODEL_PB).is_file():
-        return Path(latest)
-    raise BadInputError(
-        f"{path}: not a SavedModel folder, a Model artifact (with {artifacts.SAVED_MODEL_DIR}/) "
-        "or a serving directory with numeric version folders"
-    )
-
-
-def read_serving_info(version_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(version_dir) / SERVING_INFO_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def list_versions(serving_dir: str | os.PathLike) -> list[dict[str, Any]]:

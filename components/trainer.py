@@ -206,11 +206,11 @@ def select_precision(mode: str) -> str:
 
 
 def create_model(image_size: int, num_classes: int, model_config: Mapping[str, Any]) -> Any:
-    from segpipe.components.core.model import build_unet, model_classes
+    from segpipe.components.core.model import build_unet
 
     return build_unet(
         input_shape=(image_size, image_size, 3),
-        num_classes=model_classes(num_classes),
+        num_classes=artifacts.output_channels(num_classes),
         base_filters=int(model_config["base_filters"]),
         depth=int(model_config["depth"]),
         batch_norm=bool(model_config.get("batch_norm", False)),

@@ -440,7 +440,7 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
 
     Holds the root lock exclusively, so it waits for running pipelines and none starts meanwhile.
     """
-    from segpipe.components.pusher import list_version_numbers
+    from segpipe.components.core.serving import list_version_numbers
 
     cfg = absolute_root(cfg)
     root = Path(cfg.root)

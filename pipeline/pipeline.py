@@ -24,7 +24,8 @@ from segpipe.components.core import artifacts
 from segpipe.components.evaluator import evaluate_model
 from segpipe.components.example_gen import resolve_spans, run_example_gen
 from segpipe.components.example_validator import validate_examples
-from segpipe.components.pusher import SERVING_INFO_FILE, latest_blessed_model, push_model
+from segpipe.components.core.serving import SERVING_INFO_FILE, latest_blessed_model
+from segpipe.components.pusher import push_model
 from segpipe.components.schema_gen import import_schema
 from segpipe.components.statistics_gen import generate_statistics
 from segpipe.components.trainer import train_model

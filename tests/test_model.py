@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from segpipe.components.core import artifacts
 from segpipe.components.core.model import (
     SegmentationMetric,
     build_unet,
@@ -14,7 +15,6 @@ from segpipe.components.core.model import (
     get_loss,
     iou,
     masked_crossentropy,
-    model_classes,
     pixel_accuracy,
     segmentation_metrics,
     soft_dice_loss,
@@ -59,7 +59,8 @@ def test_unet_rejects_sizes_not_divisible_by_the_pooling_factor():
 
 
 def test_two_data_classes_use_the_binary_head():
-    assert model_classes(2) == 1 and model_classes(3) == 3
+    assert artifacts.output_channels(2) == 1 and artifacts.output_channels(3) == 3
+    assert artifacts.data_classes(1) == 2 and artifacts.data_classes(3) == 3
 
 
 def test_binary_metrics_exact_and_ignore_label():

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from segpipe.components.core import artifacts
+from segpipe.components.core.serving import SERVING_INFO_FILE, latest_blessed_model, list_version_numbers, resolve_saved_model
 
 from segpipe.components import pusher
 from segpipe.components.core.errors import BadInputError
@@ -98,15 +99,15 @@ def test_versions_increase_and_carry_model_and_info(tmp_path: Path, blessed: Pat
         for i in range(1, 4)
     ]
     assert [r["version"] for r in results] == [1, 2, 3]
-    assert pusher.list_version_numbers(serving) == [1, 2, 3]
+    assert list_version_numbers(serving) == [1, 2, 3]
     v2 = serving / "2"
     assert (v2 / "saved_model.pb").read_text() == "graph p2"
     assert (v2 / artifacts.KERAS_MODEL_FILE).read_text() == "keras p2"
-    info = json.loads((v2 / pusher.SERVING_INFO_FILE).read_text())
+    info = json.loads((v2 / SERVING_INFO_FILE).read_text())
     assert info["version"] == 2 and info["run_id"] == "run-2" and info["spans"] == [2]
     assert info["metrics"]["pixel_accuracy"] == 0.93
     assert info["code_version"] == artifacts.code_version()
-    assert pusher.latest_blessed_model(serving) == str(serving / "3")
+    assert latest_blessed_model(serving) == str(serving / "3")
 
 
 def test_version_is_max_plus_one_and_never_overwritten(tmp_path: Path, blessed: Path) -> None:
@@ -117,7 +118,7 @@ def test_version_is_max_plus_one_and_never_overwritten(tmp_path: Path, blessed: 
     result = push(tmp_path, make_model(tmp_path, "m", "new"), blessed, serving, 1)
     assert result["version"] == 8
     assert (serving / "7" / "saved_model.pb").read_text() == "old seven"
-    assert pusher.list_version_numbers(serving) == [7, 8]
+    assert list_version_numbers(serving) == [7, 8]
 
 
 def test_push_interrupted_midway_leaves_no_partial_version(
@@ -134,7 +135,7 @@ def test_push_interrupted_midway_leaves_no_partial_version(
     monkeypatch.setattr(pusher, "copy_tree", copy_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         push(tmp_path, make_model(tmp_path, "m2", "two"), blessed, serving, 2)
-    assert pusher.list_version_numbers(serving) == [1]
+    assert list_version_numbers(serving) == [1]
     assert [p.name for p in serving.iterdir() if p.name.startswith(pusher.TMP_PREFIX)] == []
     assert not (tmp_path / "pushed-2").exists()
     monkeypatch.undo()
@@ -177,8 +178,8 @@ def test_push_killed_midway_is_invisible_and_cleaned_up(tmp_path: Path, blessed:
             proc.kill()
     stale = [p.name for p in serving.iterdir() if p.name.startswith(pusher.TMP_PREFIX)]
     assert len(stale) == 1  # the killed push left its hidden temp folder ...
-    assert pusher.list_version_numbers(serving) == [1]  # ... but no visible version
-    assert pusher.latest_blessed_model(serving) == str(serving / "1")
+    assert list_version_numbers(serving) == [1]  # ... but no visible version
+    assert latest_blessed_model(serving) == str(serving / "1")
     assert push(tmp_path, make_model(tmp_path, "m3", "three"), blessed, serving, 3)["version"] == 2
     assert not (serving / stale[0]).exists()
 
@@ -204,7 +205,7 @@ def test_keep_last_prunes_oldest_versions(tmp_path: Path, blessed: Path) -> None
     serving = tmp_path / "serving"
     for i in range(1, 5):
         push(tmp_path, make_model(tmp_path, f"m{i}", f"p{i}"), blessed, serving, i, keep_last=2)
-    assert pusher.list_version_numbers(serving) == [3, 4]
+    assert list_version_numbers(serving) == [3, 4]
     assert sorted(p.name for p in serving.iterdir() if p.is_dir()) == ["3", "4"]
 
 
@@ -216,7 +217,7 @@ def test_rollback_repushes_as_new_highest_version(tmp_path: Path, blessed: Path)
     assert result["version"] == 3
     assert (serving / "3" / "saved_model.pb").read_text() == "graph p1"
     assert (serving / "3" / artifacts.KERAS_MODEL_FILE).read_text() == "keras p1"
-    info = json.loads((serving / "3" / pusher.SERVING_INFO_FILE).read_text())
+    info = json.loads((serving / "3" / SERVING_INFO_FILE).read_text())
     assert info["rolled_back_from"] == 1 and info["version"] == 3 and info["run_id"] == "r1"
     assert (serving / "1" / "saved_model.pb").read_text() == "graph p1"  # the source stays
     with pytest.raises(BadInputError, match="no such version.*available: 1, 2, 3"):
@@ -233,14 +234,14 @@ def test_blessed_model_without_saved_model_is_bad_input(tmp_path: Path, blessed:
 
 def test_resolve_saved_model_layouts(tmp_path: Path, blessed: Path) -> None:
     model = make_model(tmp_path, "m", "x")
-    assert pusher.resolve_saved_model(model) == model / artifacts.SAVED_MODEL_DIR
-    assert pusher.resolve_saved_model(model / artifacts.SAVED_MODEL_DIR) == model / artifacts.SAVED_MODEL_DIR
+    assert resolve_saved_model(model) == model / artifacts.SAVED_MODEL_DIR
+    assert resolve_saved_model(model / artifacts.SAVED_MODEL_DIR) == model / artifacts.SAVED_MODEL_DIR
     serving = tmp_path / "serving"
     for i in (1, 2):
         push(tmp_path, model, blessed, serving, i)
-    assert pusher.resolve_saved_model(serving) == serving / "2"
+    assert resolve_saved_model(serving) == serving / "2"
     with pytest.raises(BadInputError, match="not a SavedModel folder"):
-        pusher.resolve_saved_model(tmp_path / "nothing")
+        resolve_saved_model(tmp_path / "nothing")
 
 
 def test_cli_serving_list_and_rollback(tmp_path: Path, blessed: Path, capsys: pytest.CaptureFixture) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 from segpipe.components.core import artifacts
 
 from segpipe.components.tools import report
-from segpipe.components.tools.predict import PALETTE
+from segpipe.components.core.visual import IGNORE_COLOUR, PALETTE, mask_to_rgb
 
 
 def grid_rows(n: int) -> list[report.GridRow]:
@@ -23,8 +23,8 @@ def grid_rows(n: int) -> list[report.GridRow]:
 
 
 def test_mask_colours() -> None:
-    rgb = report.mask_to_rgb(np.array([[0, 1, 2, 255]]))
-    assert rgb[0].tolist() == [PALETTE[0].tolist(), PALETTE[1].tolist(), PALETTE[2].tolist(), list(report.IGNORE_COLOUR)]
+    rgb = mask_to_rgb(np.array([[0, 1, 2, 255]]))
+    assert rgb[0].tolist() == [PALETTE[0].tolist(), PALETTE[1].tolist(), PALETTE[2].tolist(), list(IGNORE_COLOUR)]
 
 
 def test_grid_png_has_one_row_per_example(tmp_path: Path) -> None:

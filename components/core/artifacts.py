@@ -50,6 +50,16 @@ ID_KEY = "id"
 REASON_KEY = "reason"  # bytes feature on quarantined examples: "<kind>: <detail>"
 IGNORE_LABEL = 255
 
+
+def output_channels(num_classes: int) -> int:
+    """Model output channels for K data classes: 2 classes use one sigmoid channel, else K softmax."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def data_classes(channels: int) -> int:
+    """The inverse of `output_channels`: data classes a head with this many channels predicts."""
+    return 2 if channels == 1 else channels
+
 METADATA_FILE = "segpipe_artifact.json"
 SHARD_PATTERN = "data-*.tfrecord.gz"  # inside each split folder
 

@@ -21,6 +21,8 @@ from segpipe.components.core.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY
 from segpipe.components.core.errors import BadInputError
 
 LABELS_FILE = "labels.json"
+# Image files segpipe reads from folders (predict, importers); PIL decodes all of them.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPAN_DIR = "span-{span}"
 
 

@@ -90,11 +90,6 @@ def build_unet(
     return keras.Model(inputs, segmentation_head(x, num_classes), name=name)
 
 
-def model_classes(data_num_classes: int) -> int:
-    """Output channels for K data classes: 2 classes -> the binary sigmoid head (1 channel)."""
-    return 1 if data_num_classes == 2 else data_num_classes
-
-
 # ---------------------------------------------------------------- tensor helpers
 
 

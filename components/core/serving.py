@@ -18,10 +18,21 @@ with `tf.saved_model.load` or `saved_model_cli` without segpipe or TFT importabl
 from __future__ import annotations
 
 import logging
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from segpipe.components.core import artifacts
+from segpipe.components.core.errors import BadInputError
+
 log = logging.getLogger(__name__)
+
+SAVED_MODEL_PB = "saved_model.pb"
+SERVING_INFO_FILE = "segpipe.json"  # the run record inside each pushed version
 
 SERVING_BYTES = "serving_default"
 SERVING_TENSOR = "serve_tensor"
@@ -58,7 +69,7 @@ def export_serving_model(
     from segpipe.components.transform import load_serving_transform
 
     channels = keras_model.output_shape[-1]
-    expected = 1 if num_classes == 2 else num_classes
+    expected = artifacts.output_channels(num_classes)
     if channels != expected:
         raise ValueError(f"model has {channels} output channels, {num_classes} data classes need {expected}")
     if tuple(keras_model.input_shape[1:]) != (image_size, image_size, 3):
@@ -107,3 +118,82 @@ def predict_tensor(loaded: Any, images: Any) -> dict[str, Any]:
 
     outputs = loaded.signatures[SERVING_TENSOR](**{TENSOR_INPUT: tf.convert_to_tensor(images, tf.float32)})
     return {key: value.numpy() for key, value in outputs.items()}
+
+
+# ------------------------------------------------------------------ resolving and loading
+
+
+def list_version_numbers(serving_dir: str | os.PathLike) -> list[int]:
+    """Numeric version folders, ascending; hidden temp folders and files are ignored."""
+    root = Path(serving_dir)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_blessed_model(serving_dir: str | os.PathLike) -> str | None:
+    """The highest version folder (only blessed models are ever pushed), or None."""
+    versions = list_version_numbers(serving_dir)
+    return str(Path(serving_dir) / str(versions[-1])) if versions else None
+
+
+def resolve_saved_model(path: str | os.PathLike) -> Path:
+    """A SavedModel folder from a Model artifact, a SavedModel folder or a serving dir (its latest).
+
+    Raises BadInputError naming the path when none of the three layouts is found.
+    """
+    path = Path(path)
+    if (path / artifacts.SAVED_MODEL_DIR / SAVED_MODEL_PB).is_file():
+        return path / artifacts.SAVED_MODEL_DIR
+    if (path / SAVED_MODEL_PB).is_file():
+        return path
+    latest = latest_blessed_model(path)
+    if latest is not None and (Path(latest) / SAVED_MODEL_PB).is_file():
+        return Path(latest)
+    raise BadInputError(
+        f"{path}: not a SavedModel folder, a Model artifact (with {artifacts.SAVED_MODEL_DIR}/) "
+        "or a serving directory with numeric version folders"
+    )
+
+
+def read_serving_info(version_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(version_dir) / SERVING_INFO_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A loaded SavedModel and what the serving contract says about it."""
+
+    path: Path
+    loaded: Any
+    image_size: int
+    num_classes: int  # classes in class_mask: 2 for a 1-channel sigmoid head, else C
+
+
+def load_serving(path: str | os.PathLike) -> ServingModel:
+    """Load a SavedModel / Model artifact / serving dir (its latest) and check the serving contract."""
+    saved_model = resolve_saved_model(path)
+    loaded = load_serving_model(saved_model)
+    signature = loaded.signatures.get(SERVING_BYTES)
+    if signature is None:
+        raise BadInputError(f"{saved_model}: no '{SERVING_BYTES}' signature")
+    inputs = signature.structured_input_signature[1]
+    outputs = signature.structured_outputs
+    if BYTES_INPUT not in inputs or not {CLASS_MASK, PROBABILITIES} <= set(outputs):
+        raise BadInputError(
+            f"{saved_model}: '{SERVING_BYTES}' must take '{BYTES_INPUT}' and return "
+            f"'{PROBABILITIES}' and '{CLASS_MASK}'"
+        )
+    size = outputs[CLASS_MASK].shape[1]
+    channels = outputs[PROBABILITIES].shape[-1]
+    if size is None or channels is None:
+        raise BadInputError(f"{saved_model}: '{CLASS_MASK}' has no static image size")
+    return ServingModel(saved_model, loaded, int(size), artifacts.data_classes(int(channels)))
+
+
+def predict_class_masks(model: ServingModel, encoded_images: list[bytes]) -> np.ndarray:
+    """uint8 [N, S, S] class ids from `serving_default` for PNG/JPEG bytes."""
+    outputs = predict_bytes(model.loaded, encoded_images)
+    return outputs[CLASS_MASK].astype(np.uint8)

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segpipe.components.core.artifacts import IGNORE_LABEL
 from segpipe.components.core.data_format import (
+    IMAGE_SUFFIXES,
     LABELS_FILE,
     encode_example,
     encode_png,
@@ -45,7 +46,6 @@ from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 MASK_SUFFIXES = IMAGE_SUFFIXES  # JPEG masks are listed so that they are reported, then rejected
 OXFORD_LABELS = {0: "background", 1: "pet"}
 OXFORD_PET, OXFORD_BACKGROUND, OXFORD_BORDER = 1, 2, 3

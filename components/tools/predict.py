@@ -15,67 +15,20 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from segpipe.components.core.data_format import IMAGE_SUFFIXES
 from segpipe.components.core.errors import BadInputError
+from segpipe.components.core.serving import ServingModel, load_serving, predict_class_masks
+from segpipe.components.core.visual import overlay
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SERVED_FORMATS = ("PNG", "JPEG")  # what the serving graph's tf.io.decode_image is fed as-is
-OVERLAY_ALPHA = 0.5
-# Class colours for overlays and report figures (class 0 = background is never tinted).
-PALETTE = np.array(
-    [[0, 0, 0], [255, 64, 64], [64, 200, 64], [64, 96, 255], [255, 200, 0], [200, 64, 255], [0, 220, 220], [255, 128, 0]],
-    dtype=np.uint8,
-)
-
-
-@dataclass(frozen=True)
-class ServingModel:
-    """A loaded SavedModel and what the serving contract says about it."""
-
-    path: Path
-    loaded: Any
-    image_size: int
-    num_classes: int  # classes in class_mask: 2 for a 1-channel sigmoid head, else C
-
-
-def load_serving(path: str | os.PathLike) -> ServingModel:
-    """Load a SavedModel / Model artifact / serving dir (its latest) and check the serving contract."""
-    from segpipe.components.core import serving
-    from segpipe.components.pusher import resolve_saved_model
-
-    saved_model = resolve_saved_model(path)
-    loaded = serving.load_serving_model(saved_model)
-    signature = loaded.signatures.get(serving.SERVING_BYTES)
-    if signature is None:
-        raise BadInputError(f"{saved_model}: no '{serving.SERVING_BYTES}' signature")
-    inputs = signature.structured_input_signature[1]
-    outputs = signature.structured_outputs
-    if serving.BYTES_INPUT not in inputs or not {serving.CLASS_MASK, serving.PROBABILITIES} <= set(outputs):
-        raise BadInputError(
-            f"{saved_model}: '{serving.SERVING_BYTES}' must take '{serving.BYTES_INPUT}' and return "
-            f"'{serving.PROBABILITIES}' and '{serving.CLASS_MASK}'"
-        )
-    size = outputs[serving.CLASS_MASK].shape[1]
-    channels = outputs[serving.PROBABILITIES].shape[-1]
-    if size is None or channels is None:
-        raise BadInputError(f"{saved_model}: '{serving.CLASS_MASK}' has no static image size")
-    return ServingModel(saved_model, loaded, int(size), 2 if channels == 1 else int(channels))
-
-
-def predict_class_masks(model: ServingModel, encoded_images: list[bytes]) -> np.ndarray:
-    """uint8 [N, S, S] class ids from `serving_default` for PNG/JPEG bytes."""
-    from segpipe.components.core import serving
-
-    outputs = serving.predict_bytes(model.loaded, encoded_images)
-    return outputs[serving.CLASS_MASK].astype(np.uint8)
 
 
 def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -113,15 +66,6 @@ def read_for_serving(path: Path) -> tuple[bytes, np.ndarray]:
 def upsample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of an S x S class mask to the original image size."""
     return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((width, height), Image.NEAREST))
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """The image with every foreground pixel blended towards its class colour."""
-    colours = PALETTE[mask % len(PALETTE)].astype(np.float32)
-    out = image.astype(np.float32)
-    fg = mask > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
-    return out.round().astype(np.uint8)
 
 
 def output_stems(files: list[Path]) -> list[str]:

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from segpipe.components.core import artifacts
+from segpipe.components.core.visual import mask_to_rgb
 
 log = logging.getLogger(__name__)
 
-IGNORE_COLOUR = (128, 128, 128)
 GRID_FILE = "predictions.png"
 METRIC_ROWS = (
     ("pixel_accuracy", "Pixel accuracy", "pixel_accuracy_threshold"),
@@ -43,15 +43,6 @@ class GridRow:
     image: np.ndarray  # H x W x 3 uint8
     true_mask: np.ndarray  # H x W class ids, 255 = ignore
     pred_mask: np.ndarray  # H x W class ids
-
-
-def mask_to_rgb(mask: np.ndarray) -> np.ndarray:
-    """Class ids -> colours (predict.PALETTE), ignore (255) -> grey."""
-    from segpipe.components.tools.predict import PALETTE
-
-    rgb = PALETTE[np.asarray(mask, dtype=np.int64) % len(PALETTE)]
-    rgb[np.asarray(mask) == artifacts.IGNORE_LABEL] = IGNORE_COLOUR
-    return rgb.astype(np.uint8)
 
 
 def plot_prediction_grid(rows: list[GridRow], out_path: str | os.PathLike, *, title: str = "") -> Path:
