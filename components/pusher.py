@@ -10,8 +10,6 @@ the serving directory is not touched at all.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -19,7 +17,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.errors import BadInputError
@@ -53,18 +51,6 @@ def list_versions(serving_dir: str | os.PathLike) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ writing a version
 
 
-@contextlib.contextmanager
-def lock_serving_dir(serving_dir: Path) -> Iterator[None]:
-    """Exclusive advisory lock held while a version number is chosen and filled."""
-    serving_dir.mkdir(parents=True, exist_ok=True)
-    with open(serving_dir / LOCK_FILE, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def remove_stale_temp_dirs(serving_dir: Path) -> list[str]:
     """Delete leftovers of killed pushes; safe because callers hold the lock a live push holds."""
     removed = []
@@ -78,7 +64,7 @@ def remove_stale_temp_dirs(serving_dir: Path) -> list[str]:
 
 
 def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder (its own function so tests can interrupt a push midway)."""
+    """Copy a folder to the new path `dst` (its own function so tests can interrupt a push midway)."""
     shutil.copytree(src, dst)
 
 
@@ -94,20 +80,15 @@ def write_version(
     appears.
     """
     root = Path(serving_dir)
-    with lock_serving_dir(root):
+    with artifacts.file_lock(root / LOCK_FILE):
         remove_stale_temp_dirs(root)
         existing = list_version_numbers(root)
         version = (existing[-1] + 1) if existing else 1
         final = root / str(version)
-        tmp = root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
-        try:
+        # Refuses an existing version folder: only a writer ignoring the lock could cause one.
+        with artifacts.atomic_dir(final, tmp=root / f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}") as tmp:
+            tmp.rmdir()  # fill() copies a SavedModel tree to this name
             fill(tmp, version)
-            if final.exists():  # only a writer ignoring the lock could cause this
-                raise FileExistsError(f"{final}: version already exists; refusing to overwrite")
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if keep_last > 0:
             prune_versions(root, keep_last)
     log.info("pushed version %d to %s", version, final)

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +96,7 @@ def infer_schema_draft(stats: str | os.PathLike, out_path: str | os.PathLike) ->
     _drop_identifier_domains(schema, statistics.datasets[0])
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(_DRAFT_HEADER.format(stats=stats_file) + text_format.MessageToString(schema))
-    os.replace(tmp, out)
+    artifacts.atomic_write(out, _DRAFT_HEADER.format(stats=stats_file) + text_format.MessageToString(schema))
     features = [feature.name for feature in schema.feature]
     log.info("Schema: wrote a draft with %d features to %s", len(features), out)
     return {"features": features, "path": str(out)}

@@ -9,8 +9,6 @@ every step (COMPLETE, CACHED, FAILED, CANCELED) under a context per run.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -19,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.errors import BadInputError, NotBlessedError, SegpipeError
@@ -72,18 +70,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------ locks and fingerprints
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike, exclusive: bool = True) -> Iterator[None]:
-    """fcntl lock on `path` (created if needed); released when the process dies, so no stale locks."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def files_fingerprint(paths: list[str]) -> list[tuple[str, int, int]]:
@@ -198,7 +184,7 @@ class LocalRunner:
         exec_dir = self.root / ARTIFACTS_DIR / node.name / key[:16]
         outputs = {arg: str(exec_dir / artifact_name(arg)) for arg in node.outputs}
         base = {"fingerprint": key, "parameters": params, "code_version": self.code_version}
-        with file_lock(self.root / ARTIFACTS_DIR / node.name / f".{key[:16]}.lock"):
+        with artifacts.file_lock(self.root / ARTIFACTS_DIR / node.name / f".{key[:16]}.lock"):
             if not self.no_cache and is_complete(exec_dir, outputs):
                 state, result = "cached", json.loads((exec_dir / RESULT_FILE).read_text())
             else:
@@ -334,7 +320,7 @@ def run_pipeline(
     cfg = absolute_root(cfg)
     root = Path(cfg.root)
     root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / ROOT_LOCK, exclusive=False):
+    with artifacts.file_lock(root / ROOT_LOCK, exclusive=False):
         runner = LocalRunner(cfg, nodes=nodes, no_cache=no_cache, run_id=run_id, progress=progress)
         run = RunResult(runner.run_id, "running", 0)
         started = time.time()
@@ -444,7 +430,7 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
 
     cfg = absolute_root(cfg)
     root = Path(cfg.root)
-    with file_lock(root / ROOT_LOCK, exclusive=True):
+    with artifacts.file_lock(root / ROOT_LOCK, exclusive=True):
         meta = md.Metadata.from_config(cfg)
         keep_ids: set[int] = set()
         for run in meta.list_runs()[:keep]:

@@ -9,7 +9,6 @@ with a lock file beside the database.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from segpipe.components.core import artifacts
 from segpipe.components.core.errors import BadInputError
 from segpipe.pipeline.config import SegpipeConfig
 
@@ -115,12 +115,8 @@ class Metadata:
         if self._lock_path is None:
             yield
             return
-        with open(self._lock_path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with artifacts.file_lock(self._lock_path):
+            yield
 
     # -------------------------------------------------------------- types and contexts
 

@@ -8,6 +8,7 @@ a fingerprint of its inputs and the code version.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -157,11 +158,8 @@ def publish(
     new one is complete (a rerun after a crash).
     """
     final = Path(artifact_uri)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     info: dict[str, Any] = {"counts": {}, "extra": {}}
-    try:
+    with atomic_dir(final, replace=True) as tmp:
         yield tmp, info
         record = ArtifactInfo(
             type=artifact_type,
@@ -174,31 +172,81 @@ def publish(
             extra=info["extra"],
         )
         (tmp / METADATA_FILE).write_text(json.dumps(record.__dict__, indent=2, sort_keys=True, default=str))
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.debug("published %s at %s", artifact_type, final)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename `src` onto `dst`; an old `dst` is moved aside first and removed after."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def is_published(artifact_uri: str | os.PathLike) -> bool:
     return (Path(artifact_uri) / METADATA_FILE).is_file()
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    """Write a JSON file via a temp name + rename, so readers never see half a file."""
+# ------------------------------------------------------------------ atomic writes and locks
+# The one implementation of each: every folder or file segpipe publishes appears complete or not
+# at all, and every shared folder (serving dir, ML Metadata's SQLite file, a run root) is guarded by
+# an fcntl lock that dies with its process, so a kill never leaves a stale lock behind.
+
+
+def temp_sibling(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A hidden, unique name beside `path` (same file system, so the final rename is atomic)."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    return path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write a file via a temp name + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    return atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, replace: bool = False, tmp: Path | None = None) -> Iterator[Path]:
+    """Yield a temp folder that is renamed to `final` on a clean exit and removed on an exception.
+
+    `replace=False` refuses an existing `final` (FileExistsError); `replace=True` swaps it out only
+    after the new folder is complete (a rerun after a crash). `tmp` names the temp folder when its
+    owner needs to recognise leftovers (the serving dir's push temps).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp or temp_sibling(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            if not replace:
+                raise FileExistsError(f"{final}: already exists; refusing to overwrite")
+            old = temp_sibling(final, "old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, exclusive: bool = True) -> Iterator[None]:
+    """fcntl lock on `path` (created if needed); released when the process dies, so no stale locks."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

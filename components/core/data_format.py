@@ -9,15 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 from PIL import Image
 
-from segpipe.components.core.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY
+from segpipe.components.core.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY, atomic_dir, atomic_write
 from segpipe.components.core.errors import BadInputError
 
 LABELS_FILE = "labels.json"
@@ -120,13 +118,10 @@ def write_span(
     final = span_dir(data_root, span)
     if final.exists():
         raise BadInputError(f"{final}: span {span} already exists; spans are immutable, use a new span number")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     suffix = ".tfrecord.gz" if compress else ".tfrecord"
     options = tf.io.TFRecordOptions(compression_type="GZIP" if compress else "")
     count = 0
-    try:
+    with atomic_dir(final) as tmp:
         writers = [
             tf.io.TFRecordWriter(str(tmp / f"part-{i:05d}-of-{num_shards:05d}{suffix}"), options)
             for i in range(num_shards)
@@ -136,20 +131,12 @@ def write_span(
             count += 1
         for writer in writers:
             writer.close()
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final, count
 
 
 def write_labels(data_root: str | os.PathLike, labels: Mapping[int, str]) -> Path:
-    path = Path(data_root) / LABELS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{LABELS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    payload = json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=2) + "\n"
+    return atomic_write(Path(data_root) / LABELS_FILE, payload)
 
 
 def read_labels(data_root: str | os.PathLike) -> dict[int, str]:
