@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.beam import DEFAULT_BEAM_ARGS, beam_pipeline
+from segpipe.components.core.data_format import MissingFeatureError, NotAnExampleError, parse_example, parse_proto
 from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,6 @@ _IMAGE_FORMATS = ("PNG", "JPEG")
 _GZIP_MAGIC = b"\x1f\x8b"
 _BAD = "bad"
 _SPAN_TOKEN = "SEGPIPESPANTOKEN"
-
-
-class NotAnExampleError(ValueError):
-    """The record's bytes are not a tf.train.Example (a bad record, not a quarantined example)."""
 
 
 # ------------------------------------------------------------------ spans
@@ -189,31 +186,6 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
 # ------------------------------------------------------------------ checking
 
 
-def _parse_proto(serialized: bytes) -> Any:
-    from google.protobuf.message import DecodeError
-    from tensorflow.core.example import example_pb2
-
-    example = example_pb2.Example()
-    try:
-        example.ParseFromString(serialized)
-    except DecodeError as exc:
-        raise NotAnExampleError(f"not a tf.train.Example ({exc})") from None
-    if not example.features.feature:
-        raise NotAnExampleError("not a tf.train.Example (no features)")
-    return example
-
-
-def _single_bytes(example: Any, key: str) -> bytes | str:
-    """The feature's one bytes value, or the quarantine reason when it is missing or malformed."""
-    features = example.features.feature
-    if key not in features:
-        return f"{MISSING_FEATURE}: missing feature '{key}'"
-    values = features[key].bytes_list.value
-    if len(values) != 1:
-        return f"{MISSING_FEATURE}: feature '{key}' must hold exactly one bytes value, has {len(values)}"
-    return values[0]
-
-
 def _open_image(data: bytes, key: str, undecodable: str) -> Any:
     """A fully decoded PIL image, or the quarantine reason."""
     from PIL import Image
@@ -258,20 +230,15 @@ def check_example(serialized: bytes, *, num_classes: int, min_image_size: int) -
 
     Raises NotAnExampleError when the bytes are not a tf.train.Example at all.
     """
-    example = _parse_proto(serialized)
-    raw_id = _single_bytes(example, artifacts.ID_KEY)
-    example_id = raw_id.decode("utf-8", errors="replace") if isinstance(raw_id, bytes) else None
-    if example_id is None:
-        return None, raw_id
-    image, mask = (_single_bytes(example, k) for k in (artifacts.IMAGE_KEY, artifacts.MASK_KEY))
-    for value in (image, mask):
-        if isinstance(value, str):
-            return example_id, value
+    try:
+        example_id, image, mask = parse_example(serialized)
+    except MissingFeatureError as exc:
+        return exc.example_id, f"{MISSING_FEATURE}: {exc}"
     return example_id, _check_content(image, mask, num_classes, min_image_size)
 
 
 def _with_reason(serialized: bytes, reason: str) -> bytes:
-    example = _parse_proto(serialized)
+    example = parse_proto(serialized)
     example.features.feature[artifacts.REASON_KEY].bytes_list.value[:] = [reason.encode("utf-8")]
     return example.SerializeToString()
 

@@ -10,7 +10,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from PIL import Image
@@ -57,8 +57,23 @@ def encode_example(example_id: str, image: bytes, mask: bytes) -> bytes:
     return example.SerializeToString()
 
 
-def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
-    """(id, image bytes, mask bytes); ValueError names the missing or malformed feature."""
+class NotAnExampleError(ValueError):
+    """The bytes are not a tf.train.Example at all (a bad record, not a bad example)."""
+
+
+class MissingFeatureError(ValueError):
+    """A required feature is missing or is not exactly one bytes value.
+
+    `example_id` is the example's id when that much could be read (None when the id is the problem).
+    """
+
+    def __init__(self, message: str, example_id: str | None) -> None:
+        super().__init__(message)
+        self.example_id = example_id
+
+
+def parse_proto(serialized: bytes) -> Any:
+    """The `tf.train.Example` message; NotAnExampleError when the bytes are not one."""
     from google.protobuf.message import DecodeError
     from tensorflow.core.example import example_pb2
 
@@ -66,18 +81,30 @@ def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
     try:
         example.ParseFromString(serialized)
     except DecodeError as exc:
-        raise ValueError(f"not a tf.train.Example ({exc})") from None
+        raise NotAnExampleError(f"not a tf.train.Example ({exc})") from None
+    if not example.features.feature:
+        raise NotAnExampleError("not a tf.train.Example (no features)")
+    return example
+
+
+def _single_bytes(example: Any, key: str, example_id: str | None) -> bytes:
     features = example.features.feature
-    values = []
-    for key in (ID_KEY, IMAGE_KEY, MASK_KEY):
-        if key not in features:
-            raise ValueError(f"missing feature '{key}'")
-        items = features[key].bytes_list.value
-        if len(items) != 1:
-            raise ValueError(f"feature '{key}' must hold exactly one bytes value, has {len(items)}")
-        values.append(items[0])
-    example_id = values[0].decode("utf-8", errors="replace")
-    return example_id, values[1], values[2]
+    if key not in features:
+        raise MissingFeatureError(f"missing feature '{key}'", example_id)
+    values = features[key].bytes_list.value
+    if len(values) != 1:
+        raise MissingFeatureError(f"feature '{key}' must hold exactly one bytes value, has {len(values)}", example_id)
+    return values[0]
+
+
+def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
+    """(id, image bytes, mask bytes): the one parser of the raw format (ExampleGen, Evaluator, tests).
+
+    Raises NotAnExampleError or MissingFeatureError (both ValueError) naming what is wrong.
+    """
+    example = parse_proto(serialized)
+    example_id = _single_bytes(example, ID_KEY, None).decode("utf-8", errors="replace")
+    return example_id, _single_bytes(example, IMAGE_KEY, example_id), _single_bytes(example, MASK_KEY, example_id)
 
 
 def span_dir(data_root: str | os.PathLike, span: int) -> Path:
