@@ -44,10 +44,15 @@ def run_child(pattern: str, out: str, beam_args: list[str]) -> dict:
     import tensorflow  # noqa: F401
 
     from segpipe.components.example_gen import run_example_gen
+    from segpipe.pipeline.config import load_config
+    from segpipe.pipeline.pipeline import create_pipeline, nodes_by_name
+
+    cfg = load_config()
+    params = {**nodes_by_name(create_pipeline(cfg))["example_gen"].params(cfg), "beam_args": beam_args}
 
     baseline = peak_rss_mb()
     start = time.perf_counter()
-    result = run_example_gen(pattern, out, beam_args=beam_args)
+    result = run_example_gen(**{**params, "input_pattern": pattern, "examples_uri": out})
     seconds = time.perf_counter() - start
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"baseline_mb": baseline, "peak_mb": peak_rss_mb(), "workers_peak_mb": children,

@@ -4,7 +4,7 @@ Each repeat uses a fresh pipeline root (no cache): `segpipe demo-data` writes th
 on its own), then `segpipe run --root ROOT` runs the whole DAG with the default (demo) profile in a
 subprocess, exactly as a user types it. The per-step split comes from the runner's progress lines
 (`[i/N] step  state  seconds`); the test-split metrics from the pushed version's segpipe.json.
-Goal (issue 8): the demo run, data generation included, in under 10 minutes on 2 CPU cores.
+Goal: the demo run, data generation included, in under 10 minutes on 2 CPU cores.
 
     python benchmarks/bench_pipeline.py --json pipeline.json
     python benchmarks/bench_pipeline.py --quick       # 48 images, 32 px, one epoch: a smoke test

@@ -126,7 +126,7 @@ def memory_child(args: argparse.Namespace) -> None:
     if args.memory_child == "tfdata":
         from segpipe.components.trainer import make_dataset
 
-        model.fit(make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True), epochs=1, verbose=0)
+        model.fit(make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True, shuffle_buffer=256), epochs=1, verbose=0)
     else:  # the tutorial's way: every image in memory first
         from segpipe.components.trainer import make_dataset
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 from segpipe.components.core import artifacts
-from segpipe.components.core.beam import DEFAULT_BEAM_ARGS, beam_pipeline
+from segpipe.components.core.beam import beam_pipeline
 from segpipe.components.core.data_format import MissingFeatureError, NotAnExampleError, parse_example, parse_proto
 from segpipe.components.core.errors import BadInputError
 
@@ -445,13 +445,13 @@ def run_example_gen(
     input_pattern: str,
     examples_uri: str,
     *,
-    span: int | None = None,
-    num_spans: int = 1,
-    splits: dict[str, int] = {"train": 80, "eval": 10, "test": 10},  # noqa: B006 (read only; JSON-able default)
-    num_classes: int = 2,
-    min_image_size: int = 32,
-    skip_bad_records: bool = False,
-    beam_args: list[str] = list(DEFAULT_BEAM_ARGS),  # noqa: B006 (read only)
+    span: int | None,
+    num_spans: int,
+    splits: dict[str, int],
+    num_classes: int,
+    min_image_size: int,
+    skip_bad_records: bool,
+    beam_args: list[str],
 ) -> dict:
     """Read the selected spans, check every example and publish the split Examples artifact.
 

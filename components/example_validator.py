@@ -217,8 +217,8 @@ def validate_examples(
     anomalies_uri: str,
     *,
     previous_statistics_uri: str | None = None,
-    drift_threshold: float = 0.1,
-    max_invalid_fraction: float = 0.0,
+    drift_threshold: float,
+    max_invalid_fraction: float,
 ) -> dict:
     """Run the three checks, publish the Anomalies artifact, then raise DataAnomalyError if any failed.
 

@@ -72,7 +72,7 @@ def write_version(
     serving_dir: str | os.PathLike,
     fill: Any,
     *,
-    keep_last: int = 0,
+    keep_last: int,
 ) -> tuple[int, Path]:
     """Create the next version: `fill(tmp_dir, version)` writes it, then it is renamed into place.
 
@@ -143,7 +143,7 @@ def push_model(
     *,
     serving_dir: str,
     evaluation_uri: str | None = None,
-    keep_last: int = 0,
+    keep_last: int,
     run_info: dict | None = None,
 ) -> dict:
     """Copy a blessed model to `<serving_dir>/<next version>/`; do nothing to serving_dir otherwise.
@@ -211,5 +211,5 @@ def rollback(serving_dir: str | os.PathLike, version: int) -> dict:
         }
         (tmp / SERVING_INFO_FILE).write_text(json.dumps(record, indent=2, default=str))
 
-    new_version, final = write_version(serving_dir, fill)
+    new_version, final = write_version(serving_dir, fill, keep_last=0)  # a rollback never prunes
     return {"pushed": True, "version": new_version, "path": str(final), "rolled_back_from": version}

@@ -42,7 +42,7 @@ MONITOR = "val_loss"
 
 
 def feature_spec(image_size: int) -> dict[str, Any]:
-    """The transformed example (brief "Transformed examples artifact"), flat as written."""
+    """The transformed example as Transform writes it (docs/components.md, Transform), flat."""
     import tensorflow as tf
 
     return {
@@ -106,15 +106,15 @@ def make_dataset(
     image_size: int,
     batch_size: int,
     training: bool,
-    shuffle_buffer: int = 256,
+    shuffle_buffer: int = 0,
     cache: bool = False,
     augment: Mapping[str, Any] | None = None,
     seed: int | None = None,
 ) -> Any:
     """Streaming (images, masks) batches from GZIP TFRecord shards.
 
-    Training: shards and records shuffled (reshuffled each epoch), then augmented. Eval: file order,
-    no augmentation. Parsing is vectorised per batch (one parse_example call per batch).
+    Training: shards and records shuffled (reshuffled each epoch; `shuffle_buffer` 0 shuffles shards
+    only), then augmented with `augment` ({"flip", "rot90", "zoom"}). Eval: file order, no augmentation. Parsing is vectorised per batch (one parse_example call per batch).
     """
     import tensorflow as tf
 
@@ -128,14 +128,14 @@ def make_dataset(
         num_parallel_calls=autotune,
         deterministic=not training,
     )
-    if training:
+    if training and shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, num_parallel_calls=autotune)
     dataset = dataset.map(lambda records: parse_batch(records, image_size), num_parallel_calls=autotune)
     if cache:
         dataset = dataset.cache()
-    if training and augment and (augment.get("flip") or augment.get("rot90") or augment.get("zoom", 0) > 0):
-        options = {"flip": bool(augment.get("flip")), "rot90": bool(augment.get("rot90")), "zoom": float(augment.get("zoom", 0))}
+    if training and augment and (augment["flip"] or augment["rot90"] or augment["zoom"] > 0):
+        options = {"flip": bool(augment["flip"]), "rot90": bool(augment["rot90"]), "zoom": float(augment["zoom"])}
         dataset = dataset.map(lambda x, y: augment_batch(x, y, **options), num_parallel_calls=autotune)
     return dataset.prefetch(autotune)
 
@@ -181,7 +181,7 @@ def check_split(transformed_examples_uri: str, split: str, image_size: int) -> l
 # ---------------------------------------------------------------- devices
 
 
-def select_strategy(distribution: str = "auto") -> Any:
+def select_strategy(distribution: str) -> Any:
     """MultiWorkerMirrored on request; Mirrored over >= 2 GPUs; the default strategy otherwise."""
     import tensorflow as tf
 
@@ -213,8 +213,8 @@ def create_model(image_size: int, num_classes: int, model_config: Mapping[str, A
         num_classes=artifacts.output_channels(num_classes),
         base_filters=int(model_config["base_filters"]),
         depth=int(model_config["depth"]),
-        batch_norm=bool(model_config.get("batch_norm", False)),
-        dropout=float(model_config.get("dropout", 0.0)),
+        batch_norm=bool(model_config["batch_norm"]),
+        dropout=float(model_config["dropout"]),
     )
 
 
@@ -228,7 +228,7 @@ def compile_model(model: Any, num_classes: int, train_config: Mapping[str, Any])
         optimizer=keras.optimizers.Adam(float(train_config["learning_rate"])),
         loss=get_loss(train_config["loss"]),
         metrics=segmentation_metrics(num_classes),
-        jit_compile=bool(train_config.get("jit_compile", False)),
+        jit_compile=bool(train_config["jit_compile"]),
     )
 
 
@@ -307,15 +307,18 @@ def read_history(path: Path) -> list[dict[str, float]]:
 
 
 def make_callbacks(backup_dir: Path, *, patience: int, best_so_far: float | None) -> list[Any]:
-    """Checkpoint (best val_loss), early stopping, NaN guard, TensorBoard, CSV log, backup/restore.
+    """NaN guard, epoch lines, best-val_loss checkpoint, TensorBoard, CSV log, early stop, backup/restore.
 
     BackupAndRestore comes last so that an epoch counts as done only after its logs are written.
     """
     import keras
 
+    from segpipe.components.core.progress import epoch_progress
+
     run = backup_dir / RUN_DIR
     callbacks = [
         raise_on_nan_callback(),
+        epoch_progress(),
         keras.callbacks.ModelCheckpoint(
             str(run / BEST_WEIGHTS_FILE),
             monitor=MONITOR,
@@ -419,14 +422,14 @@ def train_model(
     if initial_epoch:
         log.info("resuming from %s after %d completed epoch(s)", backup, initial_epoch)
 
-    precision = select_precision(str(train_config.get("mixed_precision", "auto")))
+    precision = select_precision(str(train_config["mixed_precision"]))
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
-        strategy = select_strategy(str(train_config.get("distribution", "auto")))
+        strategy = select_strategy(str(train_config["distribution"]))
         with strategy.scope():
             model = create_model(image_size, num_classes, model_config)
-            warm = warm_start(model, base_model_uri if train_config.get("warm_start", True) else None)
+            warm = warm_start(model, base_model_uri if train_config["warm_start"] else None)
             compile_model(model, num_classes, train_config)
         history = fit_model(model, files, backup, image_size=image_size, train_config=train_config, strategy=strategy)
         best_weights = backup / RUN_DIR / BEST_WEIGHTS_FILE
@@ -466,11 +469,11 @@ def fit_model(
     seed = int(train_config["seed"])
     batch_size = int(train_config["batch_size"]) * int(strategy.num_replicas_in_sync)
     augment = {
-        "flip": train_config.get("augment_flip", False),
-        "rot90": train_config.get("augment_rot90", False),
-        "zoom": float(train_config.get("augment_zoom", 0.0)),
+        "flip": bool(train_config["augment_flip"]),
+        "rot90": bool(train_config["augment_rot90"]),
+        "zoom": float(train_config["augment_zoom"]),
     }
-    common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config.get("cache", False))}
+    common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config["cache"])}
     train = make_dataset(files[artifacts.TRAIN], training=True, shuffle_buffer=int(train_config["shuffle_buffer"]),
                          augment=augment, seed=seed, **common)
     evaluation = make_dataset(files[artifacts.EVAL], training=False, **common)
@@ -482,7 +485,10 @@ def fit_model(
         # The streamed TFRecords have no known length, so each epoch ends by running out of data;
         # Keras warns about that every epoch although it is the intended end of an epoch.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        model.fit(train, validation_data=evaluation, epochs=int(train_config["epochs"]), callbacks=callbacks, verbose=0)
+        # verbose=0: the epoch_progress callback reports instead. shuffle=False: make_dataset already
+        # shuffles; Keras cannot shuffle a tf.data input and warns when asked to (its default).
+        model.fit(train, validation_data=evaluation, epochs=int(train_config["epochs"]), callbacks=callbacks,
+                  verbose=0, shuffle=False)
     history = read_history(history_path)
     if not history:
         raise TrainingError(f"{history_path}: training produced no completed epoch")

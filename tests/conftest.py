@@ -30,6 +30,23 @@ def _tiny_example(rng: np.random.Generator, height: int, width: int, num_classes
     return image, mask
 
 
+@pytest.fixture(scope="session")
+def dag_params() -> Callable[..., dict]:
+    """`dag_params(node, **kwargs)`: the parameters the DAG gives `node` under the default config,
+    updated with `kwargs`, so a test calls a component exactly as both runners do (component
+    functions carry no defaults of their own)."""
+    from segpipe.pipeline.config import load_config
+    from segpipe.pipeline.pipeline import create_pipeline, nodes_by_name
+
+    cfg = load_config()
+    nodes = nodes_by_name(create_pipeline(cfg))
+
+    def _params(node: str, **kwargs: object) -> dict:
+        return {**nodes[node].params(cfg), **kwargs}
+
+    return _params
+
+
 @pytest.fixture(scope="session")  # a pure function: usable from fixtures of any scope
 def write_tiny_span() -> Callable[..., Path]:
     """`write_tiny_span(data_root, span, num=16, size=(40, 48), num_classes=2, seed=0, compress=True)`.

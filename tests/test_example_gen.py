@@ -121,11 +121,11 @@ def test_bad_split_weights_are_rejected():
 # ------------------------------------------------------------------ Beam runs
 
 
-def test_splits_hold_the_input_records_and_stay_put_when_data_is_added(tmp_path, write_tiny_span):
+def test_splits_hold_the_input_records_and_stay_put_when_data_is_added(tmp_path, write_tiny_span, dag_params):
     """Span 1 GZIP, span 2 uncompressed: both read; span 1's ids keep their splits."""
     data = tmp_path / "data"
     write_tiny_span(data, 1, num=16)
-    first = run_example_gen(_pattern(data), str(tmp_path / "ex1"))
+    first = run_example_gen(**dag_params("example_gen", input_pattern=_pattern(data), examples_uri=str(tmp_path / "ex1")))
 
     assert first["spans"] == [1]
     assert sum(first["counts"][s] for s in artifacts.SPLITS) == 16
@@ -141,14 +141,14 @@ def test_splits_hold_the_input_records_and_stay_put_when_data_is_added(tmp_path,
     assert info.counts == first["counts"]
 
     write_tiny_span(data, 2, num=16, compress=False)
-    second = run_example_gen(_pattern(data), str(tmp_path / "ex2"), num_spans=2)
+    second = run_example_gen(**dag_params("example_gen", input_pattern=_pattern(data), examples_uri=str(tmp_path / "ex2"), num_spans=2))
     assert second["spans"] == [1, 2]
     assert sum(second["counts"][s] for s in artifacts.SPLITS) == 32
     after = {i: s for s in artifacts.SPLITS for i in _ids(_read_split(tmp_path / "ex2", s))}
     assert {i: after[i] for i in before} == before
 
 
-def test_invalid_examples_are_quarantined_with_reasons(tmp_path):
+def test_invalid_examples_are_quarantined_with_reasons(tmp_path, dag_params):
     rng = np.random.default_rng(3)
     rgb = lambda h, w: rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)  # noqa: E731
     binary = lambda h, w: (rng.random((h, w)) > 0.5).astype(np.uint8)  # noqa: E731
@@ -176,7 +176,7 @@ def test_invalid_examples_are_quarantined_with_reasons(tmp_path):
     good.append(encode_example("ignore-ok", encode_png(rgb(40, 40)), encode_png(ignore)))
     write_span(tmp_path / "data", 1, [*good, *bad.values()])
 
-    result = run_example_gen(_pattern(tmp_path / "data"), str(tmp_path / "ex"), min_image_size=32)
+    result = run_example_gen(**dag_params("example_gen", input_pattern=_pattern(tmp_path / "data"), examples_uri=str(tmp_path / "ex"), min_image_size=32))
 
     quarantined = {}
     for record in _read_split(tmp_path / "ex", artifacts.QUARANTINE):
@@ -216,14 +216,14 @@ def _write_bad_files(folder: Path) -> dict[str, str]:
     }
 
 
-def test_every_bad_input_case_is_named_by_file_and_record_and_nothing_is_published(tmp_path):
+def test_every_bad_input_case_is_named_by_file_and_record_and_nothing_is_published(tmp_path, dag_params):
     folder = span_dir(tmp_path / "data", 1)
     expected = _write_bad_files(folder)
     examples_uri = tmp_path / "out" / "examples"
     examples_uri.parent.mkdir()
 
     with pytest.raises(BadInputError) as raised:
-        run_example_gen(_pattern(tmp_path / "data"), str(examples_uri))
+        run_example_gen(**dag_params("example_gen", input_pattern=_pattern(tmp_path / "data"), examples_uri=str(examples_uri)))
 
     message = str(raised.value)
     assert message.startswith("5 bad record(s), nothing published")
@@ -232,24 +232,24 @@ def test_every_bad_input_case_is_named_by_file_and_record_and_nothing_is_publish
     _assert_nothing_published(examples_uri)
 
 
-def test_no_matching_files_fails_before_beam(tmp_path):
+def test_no_matching_files_fails_before_beam(tmp_path, dag_params):
     examples_uri = tmp_path / "examples"
     with pytest.raises(BadInputError, match="no files match"):
-        run_example_gen(_pattern(tmp_path / "data"), str(examples_uri))
+        run_example_gen(**dag_params("example_gen", input_pattern=_pattern(tmp_path / "data"), examples_uri=str(examples_uri)))
     assert not examples_uri.exists()
 
 
-def test_truncated_uncompressed_file_names_the_record_where_it_ends(tmp_path):
+def test_truncated_uncompressed_file_names_the_record_where_it_ends(tmp_path, dag_params):
     folder = span_dir(tmp_path / "data", 1)
     folder.mkdir(parents=True)
     records = [_good_record(f"t-{i}", seed=i) for i in range(3)]
     offsets = _write_raw_tfrecord(folder / "part.tfrecord", records)
     (folder / "part.tfrecord").write_bytes((folder / "part.tfrecord").read_bytes()[: offsets[2] + 40])
     with pytest.raises(BadInputError, match=r"part.tfrecord record 2: truncated record"):
-        run_example_gen(_pattern(tmp_path / "data"), str(tmp_path / "examples"))
+        run_example_gen(**dag_params("example_gen", input_pattern=_pattern(tmp_path / "data"), examples_uri=str(tmp_path / "examples")))
 
 
-def test_skip_bad_records_counts_logs_and_keeps_the_rest(tmp_path, caplog):
+def test_skip_bad_records_counts_logs_and_keeps_the_rest(tmp_path, caplog, dag_params):
     folder = span_dir(tmp_path / "data", 1)
     folder.mkdir(parents=True)
     good = [_good_record(f"g-{i}", seed=i) for i in range(5)]
@@ -261,7 +261,7 @@ def test_skip_bad_records_counts_logs_and_keeps_the_rest(tmp_path, caplog):
     (folder / "c.tfrecord").write_text("not a tfrecord at all")
 
     with caplog.at_level("WARNING", logger="segpipe.components.example_gen"):
-        result = run_example_gen(_pattern(tmp_path / "data"), str(tmp_path / "ex"), skip_bad_records=True)
+        result = run_example_gen(**dag_params("example_gen", input_pattern=_pattern(tmp_path / "data"), examples_uri=str(tmp_path / "ex"), skip_bad_records=True))
 
     kept = {i for s in artifacts.SPLITS for i in _ids(_read_split(tmp_path / "ex", s))}
     assert kept == {"g-0", "g-2", "g-3", "g-4"}

@@ -41,11 +41,11 @@ def _without_mask(record: bytes) -> bytes:
     return example.SerializeToString()
 
 
-def _pipeline(root: Path, examples_uri: Path | None = None) -> dict[str, str]:
+def _pipeline(root: Path, dag_params, examples_uri: Path | None = None) -> dict[str, str]:
     """ExampleGen (unless given), StatisticsGen and the imported schema under `root`."""
     uris = {name: str(root / name) for name in ("examples", "statistics", "schema", "anomalies")}
     if examples_uri is None:
-        run_example_gen(str(root / "data" / "span-{SPAN}" / "*.tfrecord*"), uris["examples"], beam_args=BEAM)
+        run_example_gen(**dag_params("example_gen", input_pattern=str(root / "data" / "span-{SPAN}" / "*.tfrecord*"), examples_uri=uris["examples"], beam_args=BEAM))
     else:
         uris["examples"] = str(examples_uri)
     generate_statistics(uris["examples"], uris["statistics"], beam_args=BEAM)
@@ -54,7 +54,7 @@ def _pipeline(root: Path, examples_uri: Path | None = None) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def anomalous_run(tmp_path_factory) -> dict[str, str]:
+def anomalous_run(tmp_path_factory, dag_params) -> dict[str, str]:
     """16 good examples and one of each per-example anomaly kind, through ExampleGen and StatisticsGen."""
     root = tmp_path_factory.mktemp("anomalous")
     rng = np.random.default_rng(5)
@@ -66,11 +66,18 @@ def anomalous_run(tmp_path_factory) -> dict[str, str]:
         _without_mask(_record("no-mask", rng)),
     ]
     write_span(root / "data", 1, records)
-    return _pipeline(root)
+    return _pipeline(root, dag_params)
 
 
-def _validate(uris: dict[str, str], **kwargs) -> dict:
-    return validate_examples(uris["statistics"], uris["schema"], uris["examples"], uris["anomalies"], **kwargs)
+@pytest.fixture
+def validate(dag_params):
+    """`validate(uris, **overrides)`: the ExampleValidator as the DAG calls it."""
+
+    def _validate(uris: dict[str, str], **kwargs) -> dict:
+        params = dag_params("example_validator", **kwargs)
+        return validate_examples(uris["statistics"], uris["schema"], uris["examples"], uris["anomalies"], **params)
+
+    return _validate
 
 
 def _split_ids(examples_uri: str) -> set[str]:
@@ -81,9 +88,9 @@ def _split_ids(examples_uri: str) -> set[str]:
     return {tf.train.Example.FromString(r).features.feature["id"].bytes_list.value[0].decode() for r in records}
 
 
-def test_each_anomaly_kind_stops_the_pipeline_with_a_published_report(anomalous_run):
+def test_each_anomaly_kind_stops_the_pipeline_with_a_published_report(anomalous_run, validate):
     with pytest.raises(DataAnomalyError) as raised:
-        _validate(anomalous_run, max_invalid_fraction=0.0)
+        validate(anomalous_run, max_invalid_fraction=0.0)
 
     anomalies = Path(anomalous_run["anomalies"])
     message = str(raised.value)
@@ -104,8 +111,8 @@ def test_each_anomaly_kind_stops_the_pipeline_with_a_published_report(anomalous_
     assert _split_ids(anomalous_run["examples"]) == {f"ok-{i}" for i in range(16)}  # none leaked
 
 
-def test_quarantine_within_tolerance_passes_and_still_lists_the_ids(anomalous_run):
-    result = _validate(anomalous_run, max_invalid_fraction=0.25)
+def test_quarantine_within_tolerance_passes_and_still_lists_the_ids(anomalous_run, validate):
+    result = validate(anomalous_run, max_invalid_fraction=0.25)
 
     assert result["passed"] and result["quarantined"] == 4
     quarantined = [f for f in result["findings"] if f["kind"].startswith("QUARANTINED")]
@@ -114,7 +121,7 @@ def test_quarantine_within_tolerance_passes_and_still_lists_the_ids(anomalous_ru
     assert "data gate passed" in (Path(anomalous_run["anomalies"]) / SUMMARY_TEXT).read_text()
 
 
-def test_missing_feature_in_a_split_is_caught_by_tfdv_schema_validation(tmp_path):
+def test_missing_feature_in_a_split_is_caught_by_tfdv_schema_validation(tmp_path, validate, dag_params):
     """An Examples artifact not made by ExampleGen (or a new ExampleGen bug) still cannot pass."""
     import tensorflow as tf
 
@@ -132,43 +139,43 @@ def test_missing_feature_in_a_split_is_caught_by_tfdv_schema_validation(tmp_path
                     writer.write(record)
             info["counts"][split] = n
         info["counts"][artifacts.QUARANTINE] = 0
-    uris = _pipeline(tmp_path, examples_uri)
+    uris = _pipeline(tmp_path, dag_params, examples_uri)
 
     with pytest.raises(DataAnomalyError, match=r"FEATURE_TYPE_LOW_FRACTION_PRESENT \[train/mask\] x1"):
-        _validate(uris)
+        validate(uris)
     anomalies_proto = (artifacts.split_dir(uris["anomalies"], artifacts.TRAIN) / artifacts.ANOMALIES_FILE).read_text()
     assert 'key: "mask"' in anomalies_proto
 
 
 @pytest.fixture(scope="module")
-def drift_runs(tmp_path_factory, write_tiny_span) -> tuple[dict[str, str], dict[str, str]]:
+def drift_runs(tmp_path_factory, write_tiny_span, dag_params) -> tuple[dict[str, str], dict[str, str]]:
     """Two clean spans of 130 examples whose image sizes differ (40x48, then 64x64)."""
     runs = []
     for span, size in ((1, (40, 48)), (2, (64, 64))):
         root = tmp_path_factory.mktemp(f"drift{span}")
         write_tiny_span(root / "data", span, num=130, size=size, seed=span)
-        runs.append(_pipeline(root))
+        runs.append(_pipeline(root, dag_params))
     return runs[0], runs[1]
 
 
-def test_drift_against_the_previous_span_stops_the_pipeline(drift_runs):
+def test_drift_against_the_previous_span_stops_the_pipeline(drift_runs, validate):
     previous, current = drift_runs
     with pytest.raises(DataAnomalyError, match=r"DRIFT_JENSEN_SHANNON \[train/height\]"):
-        _validate(current, previous_statistics_uri=previous["statistics"], drift_threshold=0.1)
+        validate(current, previous_statistics_uri=previous["statistics"], drift_threshold=0.1)
     text = (Path(current["anomalies"]) / SUMMARY_TEXT).read_text()
     assert "[train/width]" in text and "foreground_fraction" not in text
     drift_proto = artifacts.split_dir(current["anomalies"], artifacts.TRAIN) / DRIFT_ANOMALIES_FILE
     assert "JENSEN_SHANNON_DIVERGENCE" in drift_proto.read_text()
 
 
-def test_same_distribution_passes_and_threshold_zero_disables_drift(drift_runs):
+def test_same_distribution_passes_and_threshold_zero_disables_drift(drift_runs, validate):
     previous, current = drift_runs
-    assert _validate(previous, previous_statistics_uri=previous["statistics"], drift_threshold=0.1)["passed"]
-    result = _validate(current, previous_statistics_uri=previous["statistics"], drift_threshold=0.0)
+    assert validate(previous, previous_statistics_uri=previous["statistics"], drift_threshold=0.1)["passed"]
+    result = validate(current, previous_statistics_uri=previous["statistics"], drift_threshold=0.0)
     assert result["passed"] and not [f for f in result["findings"] if f["kind"].startswith("DRIFT")]
 
 
-def test_drift_is_not_estimated_from_too_few_examples(anomalous_run, drift_runs):
-    result = _validate(drift_runs[1], previous_statistics_uri=anomalous_run["statistics"], drift_threshold=0.1)
+def test_drift_is_not_estimated_from_too_few_examples(anomalous_run, drift_runs, validate):
+    result = validate(drift_runs[1], previous_statistics_uri=anomalous_run["statistics"], drift_threshold=0.1)
     (note,) = [f for f in result["findings"] if f["kind"].startswith("DRIFT")]
     assert not note["blocking"] and "drift not checked" in note["description"]

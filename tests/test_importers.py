@@ -1,4 +1,4 @@
-"""Importers on tiny fabricated datasets: every conversion and every bad-input case of issue 3."""
+"""Importers on tiny fabricated datasets: every conversion and every bad-input case."""
 from __future__ import annotations
 
 import io

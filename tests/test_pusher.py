@@ -65,8 +65,9 @@ def blessed(tmp_path: Path) -> Path:
     return make_blessing(tmp_path, "blessing-yes", True)
 
 
-def push(tmp_path: Path, model: Path, blessing: Path, serving: Path, n: int, **kwargs) -> dict:
-    return pusher.push_model(str(model), str(blessing), str(tmp_path / f"pushed-{n}"), serving_dir=str(serving), **kwargs)
+def push(tmp_path: Path, model: Path, blessing: Path, serving: Path, n: int, keep_last: int = 0, **kwargs) -> dict:
+    return pusher.push_model(str(model), str(blessing), str(tmp_path / f"pushed-{n}"), serving_dir=str(serving),
+                             keep_last=keep_last, **kwargs)
 
 
 def test_unblessed_model_leaves_serving_dir_byte_identical(tmp_path: Path, blessed: Path) -> None:
@@ -161,7 +162,7 @@ def test_push_killed_midway_is_invisible_and_cleaned_up(tmp_path: Path, blessed:
 
         pusher.copy_tree = slow_copy
         pusher.push_model({str(make_model(tmp_path, "m2", "two"))!r}, {str(blessed)!r},
-                          {str(tmp_path / "pushed-killed")!r}, serving_dir={str(serving)!r})
+                          {str(tmp_path / "pushed-killed")!r}, serving_dir={str(serving)!r}, keep_last=0)
         """
     )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)

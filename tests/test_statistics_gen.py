@@ -24,11 +24,11 @@ SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "schema.pbtxt"
 
 
 @pytest.fixture(scope="module")
-def stats_run(tmp_path_factory, write_tiny_span) -> dict[str, Path]:
+def stats_run(tmp_path_factory, write_tiny_span, dag_params) -> dict[str, Path]:
     """One ExampleGen + StatisticsGen run over 24 examples of 40x48 px, shared by this module."""
     root = tmp_path_factory.mktemp("stats")
     write_tiny_span(root / "data", 1, num=24, size=(40, 48))
-    run_example_gen(str(root / "data" / "span-{SPAN}" / "*.tfrecord*"), str(root / "examples"))
+    run_example_gen(**dag_params("example_gen", input_pattern=str(root / "data" / "span-{SPAN}" / "*.tfrecord*"), examples_uri=str(root / "examples")))
     generate_statistics(str(root / "examples"), str(root / "statistics"), beam_args=["--runner=FnApiRunner"])
     return {"examples": root / "examples", "statistics": root / "statistics", "root": root}
 
@@ -137,7 +137,7 @@ def test_schema_infer_cli_writes_a_reviewable_draft(stats_run, tmp_path):
     from segpipe.pipeline.cli import main
 
     out = tmp_path / "drafts" / "schema.pbtxt"
-    assert main(["schema", "infer", "--stats", str(stats_run["statistics"]), "--out", str(out)]) == 0
+    assert main(["schema", "infer", "--stats", str(stats_run["statistics"]), "--out-file", str(out)]) == 0
     draft = load_schema(out)
     by_name = {f.name: f for f in draft.feature}
     assert set(by_name) == {"image", "mask", "id"}
@@ -146,4 +146,4 @@ def test_schema_infer_cli_writes_a_reviewable_draft(stats_run, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["schema.pbtxt"]  # no temp file left
     stats_file = artifacts.split_dir(stats_run["statistics"], artifacts.EVAL) / artifacts.STATS_FILE
     assert infer_schema_draft(stats_file, tmp_path / "eval.pbtxt")["features"] == ["id", "image", "mask"]
-    assert main(["schema", "infer", "--stats", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert main(["schema", "infer", "--stats", str(tmp_path / "none"), "--out-file", str(out)]) == 2

@@ -1,6 +1,6 @@
 """The U-Net, its losses and its metrics (Keras 3 only: `import keras`, never `tf.keras`).
 
-`build_unet()` with its defaults is the tutorial's model (../shared/seed/unet_keras_tutorial.txt):
+`build_unet()` with its defaults is the classic U-Net of the Keras tutorial (the `seed` profile):
 31,031,745 parameters at 128x128x3. Losses and metrics are pure functions of `keras.ops` tensors, so
 they run on any Keras backend; the Keras metric classes only accumulate their counts over an epoch.
 
