@@ -35,7 +35,7 @@ PER_EXAMPLE_FILE = "per_example_iou.jsonl"
 NUM_GRID_EXAMPLES = 4  # best and worst rows each in the prediction grid
 INFERENCE_BATCH_SIZE = 16
 REGRESSION_TOLERANCE = 1e-12  # float slack so "exactly max_regression worse" passes
-SCALARS = ("pixel_accuracy", "all_background_accuracy", "mean_iou", "foreground_iou", "dice")
+SCALARS = seg_metrics.SCALAR_METRICS
 
 
 # ------------------------------------------------------------------ the gate
@@ -59,28 +59,52 @@ def decide_blessing(
     max_regression: float,
 ) -> tuple[bool, list[str]]:
     """(blessed, reasons it is not): absolute thresholds (equal passes) and the baseline rule."""
-    reasons = []
-    checks = (("pixel_accuracy", "pixel accuracy", pixel_accuracy_threshold, "threshold"),
-              ("foreground_iou", "foreground IoU", min_foreground_iou, "minimum"))
-    for key, name, bound, word in checks:
+    return verdict(gate_checks(metrics, baseline, pixel_accuracy_threshold=pixel_accuracy_threshold,
+                               min_foreground_iou=min_foreground_iou, max_regression=max_regression))
+
+
+def verdict(checks: list[dict[str, Any]]) -> tuple[bool, list[str]]:
+    """(blessed, the failed checks' reasons)."""
+    reasons = [check["reason"] for check in checks if not check["passed"]]
+    return not reasons, reasons
+
+
+def gate_checks(
+    metrics: dict[str, Any],
+    baseline: dict[str, Any] | None,
+    *,
+    pixel_accuracy_threshold: float,
+    min_foreground_iou: float,
+    max_regression: float,
+) -> list[dict[str, Any]]:
+    """Every check of the gate, passed or not: {name, metric, value, bound, passed, reason}.
+
+    The blessing stores them all, so the report shows the whole gate and not only its failures.
+    """
+    checks = []
+    minimums = ((seg_metrics.PIXEL_ACCURACY, "pixel accuracy", pixel_accuracy_threshold, "threshold"),
+                (seg_metrics.FOREGROUND_IOU, "foreground IoU", min_foreground_iou, "minimum"))
+    for key, name, bound, word in minimums:
         value = metrics.get(key)
         if value is None:
-            reasons.append(f"{name} is undefined (no labelled or no foreground pixels in the test split)")
-        elif value < bound:
+            reason = f"{name} is undefined (no labelled or no foreground pixels in the test split)"
+        else:
             shown, limit = _pair(value, bound)
-            reasons.append(f"{name} {shown} < {word} {limit}")
-    if baseline is not None:
-        for key, name, _, _ in checks:
-            value, base = metrics.get(key), baseline.get(key)
-            if value is None or base is None:
-                continue
-            if base - value > max_regression + REGRESSION_TOLERANCE:
-                shown, base_shown = _pair(value, base)
-                reasons.append(
-                    f"{name} {shown} is {base - value:.3f} below the baseline's {base_shown} "
-                    f"(max regression {max_regression:.3f})"
-                )
-    return not reasons, reasons
+            reason = f"{name} {shown} < {word} {limit}" if value < bound else ""
+        checks.append({"name": f"{name} >= {word}", "metric": key, "value": value, "bound": bound,
+                       "passed": not reason, "reason": reason})
+    for key, name, _, _ in minimums if baseline is not None else ():
+        value, base = metrics.get(key), baseline.get(key)
+        if value is None or base is None:
+            continue
+        reason = ""
+        if base - value > max_regression + REGRESSION_TOLERANCE:
+            shown, base_shown = _pair(value, base)
+            reason = (f"{name} {shown} is {base - value:.3f} below the baseline's {base_shown} "
+                      f"(max regression {max_regression:.3f})")
+        checks.append({"name": f"{name} regression vs baseline", "metric": key, "value": value,
+                       "bound": base - max_regression, "passed": not reason, "reason": reason})
+    return checks
 
 
 # ------------------------------------------------------------------ Beam pieces
@@ -357,29 +381,32 @@ def evaluate_files(
         if metrics["num_examples"] == 0:
             raise BadInputError(f"test split has no records ({', '.join(files[:3])})")
         baseline = summaries.get(BASELINE)
-        blessed, reasons = decide_blessing(metrics, baseline, **gate)
+        checks = gate_checks(metrics, baseline, **gate)
+        blessed, reasons = verdict(checks)
         plot_prediction_grid(grid_rows(raw[CANDIDATE]), out / GRID_FILE,
                              title=f"test IoU: best and worst of {metrics['num_examples']}")
-        metrics.update(num_classes=num_classes, baseline=baseline, gate=gate, blessed=blessed, reasons=reasons,
+        metrics.update(num_classes=num_classes, baseline=baseline, gate=gate, blessed=blessed, reasons=reasons, checks=checks,
                        best_examples=[{"id": i, "iou": iou} for iou, i, _ in raw[CANDIDATE]["best"][:num_worst_examples]],
                        grid=GRID_FILE, per_example=PER_EXAMPLE_FILE)
         (out / artifacts.EVALUATION_FILE).write_text(json.dumps(metrics, indent=2))
         info["counts"] = {"examples": metrics["num_examples"], "pixels": metrics["num_pixels"]}
         info["extra"].update(blessed=blessed, **{k: metrics[k] for k in SCALARS})
-    publish_blessing(blessing_uri, blessed, reasons, model_uri, baseline_model_uri, evaluation_uri, parameters)
+    publish_blessing(blessing_uri, {"blessed": blessed, "reasons": reasons, "checks": checks, "model": model_uri,
+                                    "baseline_model": baseline_model_uri}, evaluation_uri, parameters)
     log.info("evaluation: %s -> %s%s", {k: metrics[k] for k in SCALARS},
              "blessed" if blessed else "NOT blessed: ", "; ".join(reasons))
-    return {"blessed": blessed, "reasons": reasons, "metrics": {k: metrics[k] for k in (*SCALARS, "num_examples")}}
+    return {"blessed": blessed, "reasons": reasons, "metrics": {k: metrics[k] for k in (*SCALARS, seg_metrics.NUM_EXAMPLES)}}
 
 
-def publish_blessing(blessing_uri: str, blessed: bool, reasons: list[str], model_uri: str,
-                     baseline_model_uri: str | None, evaluation_uri: str, parameters: dict[str, Any]) -> None:
-    """The ModelBlessing artifact: what the Pusher (and Kubeflow's condition) reads."""
+def publish_blessing(blessing_uri: str, record: dict[str, Any], evaluation_uri: str, parameters: dict[str, Any]) -> None:
+    """The ModelBlessing artifact: what the Pusher (and Kubeflow's condition) reads.
+
+    `record`: blessed, reasons, checks (every gate check, passed or not), model, baseline_model.
+    """
     with artifacts.publish(blessing_uri, artifacts.MODEL_BLESSING, producer="evaluator",
                            parameters=parameters, inputs=(evaluation_uri,)) as (out, info):
-        record = {"blessed": blessed, "reasons": reasons, "model": model_uri, "baseline_model": baseline_model_uri}
         (out / artifacts.BLESSING_FILE).write_text(json.dumps(record, indent=2))
-        info["extra"].update(record)
+        info["extra"].update(blessed=record["blessed"], reasons=record["reasons"])
 
 
 def evaluate_model(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.components.core import artifacts
+from segpipe.components.core import metrics as seg_metrics
 from segpipe.components.core.errors import BadInputError
 from segpipe.components.core.serving import (
     SAVED_MODEL_PB,
@@ -132,7 +133,7 @@ def read_evaluation_summary(evaluation_uri: str | os.PathLike | None) -> dict[st
     if not path.is_file():
         raise BadInputError(f"{path}: evaluation metrics not found")
     metrics = json.loads(path.read_text())
-    keys = ("pixel_accuracy", "all_background_accuracy", "mean_iou", "foreground_iou", "dice", "num_examples")
+    keys = (*seg_metrics.SCALAR_METRICS, seg_metrics.NUM_EXAMPLES)
     return {k: metrics[k] for k in keys if k in metrics}
 
 

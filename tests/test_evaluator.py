@@ -10,11 +10,22 @@ import pytest
 
 from segpipe.components.core import artifacts, metrics as seg_metrics
 from segpipe.components.core.errors import BadInputError
-from segpipe.components.evaluator import decide_blessing, evaluate_model
+from segpipe.components.evaluator import decide_blessing, evaluate_model, gate_checks
 from segpipe.pipeline import cli
 
 GATE = {"pixel_accuracy_threshold": 0.9, "min_foreground_iou": 0.5, "max_regression": 0.01}
 BEAM_ARGS = ["--runner=FnApiRunner"]
+
+
+def test_gate_lists_every_check_passed_or_not() -> None:
+    metrics = {"pixel_accuracy": 0.95, "foreground_iou": 0.52}
+    checks = gate_checks(metrics, {"pixel_accuracy": 0.955, "foreground_iou": 0.6}, **GATE)
+    assert [(c["metric"], c["passed"]) for c in checks] == [
+        ("pixel_accuracy", True), ("foreground_iou", True), ("pixel_accuracy", True), ("foreground_iou", False),
+    ]
+    assert checks[0]["bound"] == 0.9 and checks[0]["reason"] == ""
+    assert checks[3]["bound"] == pytest.approx(0.59) and "below the baseline" in checks[3]["reason"]
+    assert len(gate_checks(metrics, None, **GATE)) == 2  # no baseline: no regression checks
 
 
 def test_threshold_equal_passes_just_below_fails() -> None:
@@ -128,6 +139,7 @@ def test_metrics_are_exact_over_all_test_pixels(tmp_path: Path, rule_models: dic
     assert (tmp_path / "evaluation" / metrics["grid"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     blessing = json.loads((tmp_path / "blessing" / artifacts.BLESSING_FILE).read_text())
     assert blessing["blessed"] is True and blessing["reasons"] == [] and result["blessed"] is True
+    assert [c["passed"] for c in blessing["checks"]] == [True, True]  # every check recorded, not only failures
     assert artifacts.read_info(tmp_path / "blessing").type == artifacts.MODEL_BLESSING
     assert artifacts.read_info(tmp_path / "evaluation").type == artifacts.MODEL_EVALUATION
 

@@ -19,6 +19,18 @@ import numpy as np
 from segpipe.components.core.artifacts import IGNORE_LABEL
 
 
+# Metric keys: the evaluation JSON, the blessing's checks, segpipe.json, `serving list`, the report.
+PIXEL_ACCURACY = "pixel_accuracy"
+ALL_BACKGROUND_ACCURACY = "all_background_accuracy"
+MEAN_IOU = "mean_iou"
+FOREGROUND_IOU = "foreground_iou"
+DICE = "dice"
+IOU_PER_CLASS = "iou_per_class"
+DICE_PER_CLASS = "dice_per_class"
+CONFUSION_MATRIX = "confusion_matrix"
+NUM_EXAMPLES = "num_examples"
+SCALAR_METRICS = (PIXEL_ACCURACY, ALL_BACKGROUND_ACCURACY, MEAN_IOU, FOREGROUND_IOU, DICE)
+
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """K x K int64 counts (rows = true class, columns = predicted class); 255 in `y_true` is skipped.
 
@@ -110,13 +122,13 @@ def summarize(cm: np.ndarray) -> dict[str, Any]:
     """Every metric of a confusion matrix as JSON-able values (undefined -> None)."""
     cm = np.asarray(cm, dtype=np.int64)
     return {
-        "pixel_accuracy": _json_float(pixel_accuracy(cm)),
-        "all_background_accuracy": _json_float(all_background_accuracy(cm)),
-        "mean_iou": _json_float(mean_iou(cm)),
-        "foreground_iou": _json_float(foreground_iou(cm)),
-        "dice": _json_float(dice(cm)),
-        "iou_per_class": [_json_float(v) for v in iou_per_class(cm)],
-        "dice_per_class": [_json_float(v) for v in dice_per_class(cm)],
+        PIXEL_ACCURACY: _json_float(pixel_accuracy(cm)),
+        ALL_BACKGROUND_ACCURACY: _json_float(all_background_accuracy(cm)),
+        MEAN_IOU: _json_float(mean_iou(cm)),
+        FOREGROUND_IOU: _json_float(foreground_iou(cm)),
+        DICE: _json_float(dice(cm)),
+        IOU_PER_CLASS: [_json_float(v) for v in iou_per_class(cm)],
+        DICE_PER_CLASS: [_json_float(v) for v in dice_per_class(cm)],
         "num_pixels": int(cm.sum()),
-        "confusion_matrix": cm.tolist(),
+        CONFUSION_MATRIX: cm.tolist(),
     }
