@@ -67,7 +67,7 @@ def build_transform_graph(workdir: Path, records: list[tuple[bytes, bytes, str]]
     (schema / artifacts.SCHEMA_FILE).write_text(SCHEMA_TEXT)
     graph = workdir / "transform_graph"
     run_transform(str(examples), str(schema), str(workdir / "transformed"), str(graph), image_size=image_size,
-                  standardize=False, num_classes=2, beam_args=["--runner=FnApiRunner"])
+                  standardize=False, beam_args=["--runner=FnApiRunner"])
     return graph
 
 

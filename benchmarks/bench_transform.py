@@ -189,7 +189,6 @@ def time_tft(examples_uri: Path, out_root: Path, size: int, standardize: bool, b
         str(out_root / "graph"),
         image_size=size,
         standardize=standardize,
-        num_classes=2,
         beam_args=beam_args,
     )
     return time.perf_counter() - start, result

@@ -20,7 +20,7 @@ Serving contract of the transform graph:
   (batched: shape [N]). At serving only `image` is fed (`RAW_SERVING_KEYS`): call
   `tft_output.transform_features_layer()({"image": image_bytes})` with a [N] tf.string tensor.
   TFT fills unfed inputs with empty strings and returns only the outputs that do not depend on them
-  (`TRANSFORMED_SERVING_KEYS`: `image`, float32 [N, S, S, 3]); the mask branch turns an empty
+  (only `image`, float32 [N, S, S, 3]); the mask branch turns an empty
   string into an all-ignore (255) mask instead of failing to decode it.
 - For export, prefer `load_serving_transform(uri)`: a plain `tf.Module` over the same SavedModel with
   `transform_image(image_bytes) -> image` (feeds empty `mask`/`id` itself). Track it with
@@ -44,9 +44,6 @@ log = logging.getLogger(__name__)
 # Raw inputs of the transform graph (scalar bytes per example) and what serving feeds.
 RAW_KEYS = (artifacts.IMAGE_KEY, artifacts.MASK_KEY, artifacts.ID_KEY)
 RAW_SERVING_KEYS = (artifacts.IMAGE_KEY,)
-# Outputs of the transform graph; at serving only the image comes out.
-TRANSFORMED_KEYS = (artifacts.IMAGE_KEY, artifacts.MASK_KEY, artifacts.ID_KEY)
-TRANSFORMED_SERVING_KEYS = (artifacts.IMAGE_KEY,)
 
 # Images per record batch and TF call. Fixed: tfx-bsl's adaptive batching grows batches towards
 # 1,000 records, and 1,000 decoded 128 px images with their masks cost ~0.4 GiB per batch.
@@ -266,7 +263,6 @@ def run_transform(
     *,
     image_size: int,
     standardize: bool,
-    num_classes: int,
     beam_args: list[str],
 ) -> dict:
     """Analyze `train`, transform `train` and `eval`; publish the graph and the examples together.
@@ -276,15 +272,12 @@ def run_transform(
     """
     import tensorflow_transform.beam as tft_beam
 
-    if num_classes < 2:
-        raise BadInputError(f"num_classes: expected >= 2, got {num_classes}")
     schema_path = check_schema(schema_uri)
     splits = [artifacts.TRAIN, artifacts.EVAL]
     files = {split: input_files(examples_uri, split) for split in splits}
     parameters = {
         "image_size": image_size,
         "standardize": standardize,
-        "num_classes": num_classes,
         "beam_args": list(beam_args),
     }
     inputs = (examples_uri, schema_uri)
@@ -312,7 +305,6 @@ def run_transform(
             info["extra"].update(
                 image_size=image_size,
                 standardize=standardize,
-                num_classes=num_classes,
                 schema=str(schema_path),
                 raw_serving_keys=list(RAW_SERVING_KEYS),
             )

@@ -248,7 +248,6 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
             lambda cfg: {
                 "image_size": cfg.transform.image_size,
                 "standardize": cfg.transform.standardize,
-                "num_classes": cfg.data.num_classes,
                 "beam_args": _beam(cfg),
             },
             inputs={

@@ -128,7 +128,7 @@ def tiny_transform(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     uris = {"examples": examples_uri, "schema": schema_uri, "transformed": root / "transformed", "graph": root / "transform_graph"}
     run_transform(
         str(examples_uri), str(schema_uri), str(uris["transformed"]), str(uris["graph"]),
-        image_size=32, standardize=False, num_classes=2, beam_args=["--runner=FnApiRunner"],
+        image_size=32, standardize=False, beam_args=["--runner=FnApiRunner"],
     )
     return uris
 

@@ -124,7 +124,6 @@ def run(root: Path, standardize: bool) -> dict:
         str(root / "graph"),
         image_size=IMAGE_SIZE,
         standardize=standardize,
-        num_classes=NUM_CLASSES,
         beam_args=BEAM_ARGS,
     )
 
