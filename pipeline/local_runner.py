@@ -376,28 +376,36 @@ def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
 
 
 def write_report(runner: LocalRunner, run: RunResult) -> str | None:
-    """Helper D's HTML run report from this run's artifacts; never fails the run."""
-    try:
-        from segpipe.components.tools import report
-    except ImportError:
-        return None
-    evaluator = runner.resolved.get("evaluator")
-    if evaluator is None:
+    """The HTML run report at `<root>/reports/<run id>.html` when the evaluator ran; never fails the run."""
+    if "evaluator" not in runner.resolved:
         return None
 
     def uri(node: str, argument: str) -> str | None:
         found = runner.resolved.get(node)
         return found.uris.get(argument) if found else None
 
+    states = {step.node: step.state for step in run.steps}
     try:
+        from segpipe.components.tools import report
+
+        links = [
+            report.ArtifactLink(node, artifact_name(argument), found.types[argument], target, states.get(node, ""))
+            for node, found in runner.resolved.items()
+            for argument, target in found.uris.items() if target is not None
+        ]
         path = report.write_run_report(
             Path(runner.cfg.root) / "reports" / f"{run.run_id}.html",
-            evaluation_uri=evaluator.uris["evaluation_uri"],
-            blessing_uri=evaluator.uris["blessing_uri"],
+            evaluation_uri=uri("evaluator", "evaluation_uri"),
+            blessing_uri=uri("evaluator", "blessing_uri"),
             pushed_model_uri=uri("pusher", "pushed_model_uri"),
             statistics_uri=uri("statistics_gen", "statistics_uri"),
             anomalies_uri=uri("example_validator", "anomalies_uri"),
             model_run_uri=uri("trainer", "model_run_uri"),
+            examples_uri=uri("example_gen", "examples_uri"),
+            data_root=runner.cfg.data_root,
+            run_id=run.run_id,
+            message=run.message,
+            artifact_links=links,
         )
         return str(path)
     except Exception:  # the report is a convenience; the run's outcome stands
