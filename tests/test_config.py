@@ -116,11 +116,11 @@ def test_parse_override_reads_yaml_scalars():
 def test_default_yaml_is_safe_loadable_package_data_and_complete():
     from importlib import resources
 
-    text = (resources.files("pipeline") / "default.yaml").read_text()
+    text = (resources.files("segpipe.pipeline") / "default.yaml").read_text()
     raw = yaml.safe_load(text)
     fields = {f.name for f in dataclasses.fields(load_config())}
     assert set(raw) == fields
-    assert Path(str(resources.files("pipeline") / "profiles" / "demo.yaml")).is_file()
+    assert Path(str(resources.files("segpipe.pipeline") / "profiles" / "demo.yaml")).is_file()
 
 
 def test_cli_config_show_prints_the_effective_config(capsys):
