@@ -2,8 +2,13 @@
 
 Each capability registers its subcommands in one `_add_*` function below; handlers are thin and
 call into `components/` or `pipeline/`. Expected failures (bad input, config, data, an unblessed
-model) print one line and exit with the code in README's table; only internal failures show a
-traceback.
+model) print one line and exit with a code from `components/core/errors.py`; only internal
+failures show a traceback.
+
+Every path on the command line is relative to the current directory, like any Unix tool: each path
+argument is declared `type=cli_path`, so argparse makes it absolute before it becomes a config
+override or a component argument. Relative paths inside a config file keep their own base (see
+`SegpipeConfig`'s derived locations).
 """
 from __future__ import annotations
 
@@ -11,41 +16,63 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from segpipe.components.core.errors import BadInputError, SegpipeError
-from segpipe.pipeline.config import PROFILES, ConfigError, SegpipeConfig, load_config, parse_override
+from segpipe.components.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_BLESSED,
+    EXIT_OK,
+    BadInputError,
+    SegpipeError,
+)
+from segpipe.pipeline.config import (
+    PROFILES,
+    ConfigError,
+    SegpipeConfig,
+    is_absolute_path,
+    load_config,
+    parse_override,
+)
 
 if TYPE_CHECKING:  # the importers pull in PIL; keep `segpipe --help` light
     from segpipe.components.tools.importers import ImportReport
 
 log = logging.getLogger("segpipe")
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_BLESSED = 0, 1, 2, 3
-
 
 # ------------------------------------------------------------------ shared options
+
+
+def cli_path(text: str) -> str:
+    """A path argument made absolute against the current directory (globs and `{SPAN}` kept).
+
+    A URI such as gs://bucket/data is already absolute and passes unchanged.
+    """
+    return text if is_absolute_path(text) else os.path.abspath(text)
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """--config/--profile/--root/--set: the layers of pipeline.config.load_config."""
     group = parser.add_argument_group("configuration")
-    group.add_argument("--config", metavar="YAML", help="config file (see pipeline/default.yaml)")
-    group.add_argument("--profile", choices=PROFILES, help="profile overlay (default: demo)")
-    group.add_argument("--root", help="pipeline root (default ./segpipe_root)")
+    group.add_argument("--config", type=cli_path, metavar="FILE",
+                       help="YAML config file, layered over pipeline/default.yaml")
+    group.add_argument("--profile", choices=PROFILES, help="profile overlay (default: `profile` of the config)")
+    group.add_argument("--root", type=cli_path, metavar="DIR", help="pipeline root (default: `root` of the config)")
     group.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one config field, e.g. --set train.epochs=3 (repeatable)",
+        help="override one config field, e.g. --set train.epochs=3 (repeatable; paths keep the config's base)",
     )
 
 
 def config_from_args(args: argparse.Namespace) -> SegpipeConfig:
     overrides = dict(parse_override(item) for item in args.overrides)
-    if args.root:
+    if args.root is not None:
         overrides["root"] = args.root
     return load_config(args.config, profile=args.profile, overrides=overrides)
 
@@ -68,6 +95,8 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------ serving, predict, evaluate
+
+MODEL_HELP = "a Model artifact, a SavedModel folder, a serving version, or a serving directory (its latest)"
 
 
 def _serving_dir_from_args(args: argparse.Namespace) -> str:
@@ -116,38 +145,37 @@ def _run_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
+def _evaluation_files(pattern: str) -> list[str]:
+    """--data as a glob, one TFRecord file, or an Examples artifact (its test split)."""
     import glob
-    import json
-    import time
-    from pathlib import Path
 
-    from segpipe.components.evaluator import evaluate_files
+    from segpipe.components.core.artifacts import TEST, split_files
 
-    cfg = config_from_args(args)
-    pattern = args.data
-    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else None
-    if files is None:
-        from segpipe.components.core.artifacts import TEST, split_files
-
-        files = split_files(pattern, TEST) if Path(pattern).is_dir() else ([pattern] if Path(pattern).is_file() else [])
+    if any(c in pattern for c in "*?["):
+        files = sorted(glob.glob(pattern))
+    elif Path(pattern).is_dir():
+        files = split_files(pattern, TEST)
+    else:
+        files = [pattern] if Path(pattern).is_file() else []
     if not files:
         raise BadInputError(f"--data {pattern}: matches no TFRecord files (a glob, a file or an Examples artifact)")
+    return files
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from segpipe.components.evaluator import evaluate_files
+    from segpipe.pipeline.pipeline import artifact_name, create_pipeline, nodes_by_name
+
+    cfg = config_from_args(args)
+    files = _evaluation_files(args.data)
     out = Path(args.out or Path(cfg.root) / "evaluate" / time.strftime("%Y%m%d-%H%M%S"))
-    ev = cfg.evaluation
-    result = evaluate_files(
-        args.model,
-        files,
-        str(out / "evaluation"),
-        str(out / "blessing"),
-        baseline_model_uri=args.baseline,
-        num_classes=cfg.data.num_classes,
-        pixel_accuracy_threshold=ev.pixel_accuracy_threshold,
-        min_foreground_iou=ev.min_foreground_iou,
-        max_regression=ev.max_regression,
-        num_worst_examples=ev.num_worst_examples,
-        beam_args=list(cfg.beam.pipeline_args),
-    )
+    # The pipeline's Evaluator node: the same parameters and output folder names as in a run.
+    node = nodes_by_name(create_pipeline(cfg))["evaluator"]
+    outputs = {arg: str(out / artifact_name(arg)) for arg in node.outputs}
+    result = evaluate_files(args.model, files, baseline_model_uri=args.baseline, **outputs, **node.params(cfg))
     print(json.dumps(result["metrics"], indent=2))
     verdict = "blessed" if result["blessed"] else "NOT blessed: " + "; ".join(result["reasons"])
     print(f"{verdict}\nevaluation written to {out}")
@@ -163,26 +191,30 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     ):
         p = serving_sub.add_parser(name, help=text)
         if name == "rollback":
-            p.add_argument("version", type=int, metavar="VERSION")
-        p.add_argument("--serving-dir", help="default: push.serving_dir of the config")
+            p.add_argument("version", type=int, metavar="VERSION", help="the version whose model to serve again")
+        p.add_argument("--serving-dir", type=cli_path, metavar="DIR",
+                       help="serving directory (default: push.serving_dir of the config)")
         add_config_options(p)
         p.set_defaults(handler=handler)
 
-    model_help = "a SavedModel folder, a Model artifact or a serving directory (its highest version)"
     p = sub.add_parser("predict", help="segment image files through the model's serving signature")
-    p.add_argument("--model", required=True, metavar="DIR", help=model_help)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes <stem>_mask.png and <stem>_overlay.png")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", required=True, type=cli_path, metavar="DIR", help=MODEL_HELP)
+    p.add_argument("inputs", nargs="+", type=cli_path, metavar="PATH", help="image files or folders of images")
+    p.add_argument("--out", required=True, type=cli_path, metavar="DIR",
+                   help="writes <stem>_mask.png and <stem>_overlay.png")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
     p.set_defaults(handler=_run_predict)
 
-    p = sub.add_parser("evaluate", help="run the evaluator and its gate on raw examples (exit 3 if not blessed)")
-    p.add_argument("--model", required=True, metavar="DIR", help=model_help)
-    p.add_argument(
-        "--data", required=True, metavar="PATTERN", help="glob of raw TFRecord files, or an Examples artifact (its test split)"
+    p = sub.add_parser(
+        "evaluate", help=f"run the evaluator and its gate on raw examples (exit {EXIT_NOT_BLESSED} if not blessed)"
     )
-    p.add_argument("--baseline", metavar="DIR", help="baseline model to compare against (" + model_help + ")")
-    p.add_argument("--out", metavar="DIR", help="where evaluation/ and blessing/ go (default <root>/evaluate/<time>)")
+    p.add_argument("--model", required=True, type=cli_path, metavar="DIR", help=MODEL_HELP)
+    p.add_argument("--data", required=True, type=cli_path, metavar="PATTERN",
+                   help="glob of raw TFRecord files, one such file, or an Examples artifact (its test split)")
+    p.add_argument("--baseline", type=cli_path, metavar="DIR",
+                   help="baseline model to compare against: " + MODEL_HELP)
+    p.add_argument("--out", type=cli_path, metavar="DIR",
+                   help="where evaluation/ and blessing/ go (default: <root>/evaluate/<time>)")
     add_config_options(p)
     p.set_defaults(handler=_run_evaluate)
 
@@ -266,17 +298,18 @@ def _run_import_folders(args: argparse.Namespace) -> int:
 
 
 def _add_output_options(p: argparse.ArgumentParser, shards_default: int | None) -> None:
-    p.add_argument("--out", metavar="DATA_ROOT", help="data root that gets span-N/ (default: data.root, <root>/data)")
+    p.add_argument("--out", type=cli_path, metavar="DIR",
+                   help="data root that gets span-N/ (default: data.root of the config)")
     p.add_argument("--span", type=int, help="span number N (default: one past the latest span, 1 if none)")
     p.add_argument("--shards", type=int, default=shards_default, help="number of TFRecord shards"
-                   + ("" if shards_default else " (default: one per 500 examples)"))
+                   + (" (default: %(default)s)" if shards_default else " (default: one per 500 examples)"))
     p.add_argument("--no-compress", action="store_true", help="write plain .tfrecord instead of GZIP .tfrecord.gz")
     add_config_options(p)
 
 
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write deterministic synthetic segmentation data as a new span")
-    p.add_argument("--num", type=int, default=1000, help="number of examples (default 1000)")
+    p.add_argument("--num", type=int, default=1000, help="number of examples (default: %(default)s)")
     p.add_argument("--seed", type=int, help="random seed (default: the span number); same seed, same bytes")
     _add_output_options(p, None)
     p.set_defaults(handler=_run_demo_data)
@@ -284,21 +317,23 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import", help="import a labelled image dataset as a new span")
     imp_sub = imp.add_subparsers(dest="source", metavar="SOURCE", required=True)
     p = imp_sub.add_parser("oxford-pets", help="Oxford-IIIT Pet: DIR/images/*.jpg + DIR/annotations/trimaps/*.png")
-    p.add_argument("dir", metavar="DIR", help="the extracted dataset (holding images/ and annotations/)")
+    p.add_argument("dir", type=cli_path, metavar="DIR", help="the extracted dataset (holding images/ and annotations/)")
     p.add_argument(
         "--border",
         choices=("foreground", "background", "ignore"),
         default="foreground",
-        help="class of trimap border pixels (default foreground; ignore = 255, excluded from loss and metrics)",
+        help="class of trimap border pixels (default: %(default)s; ignore = 255, excluded from loss and metrics)",
     )
     p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad inputs were skipped")
     _add_output_options(p, 1)
     p.set_defaults(handler=_run_import_oxford)
 
     p = imp_sub.add_parser("folders", help="images and masks in two folders, paired by file stem")
-    p.add_argument("--images", required=True, metavar="DIR", help="image files (PNG, JPEG, ...)")
-    p.add_argument("--masks", required=True, metavar="DIR", help="mask files (PNG etc.: class ids, or binary 0/255)")
-    p.add_argument("--labels", metavar="JSON", help="labels.json (class id -> name); default: ids found in the masks")
+    p.add_argument("--images", required=True, type=cli_path, metavar="DIR", help="image files (PNG, JPEG, ...)")
+    p.add_argument("--masks", required=True, type=cli_path, metavar="DIR",
+                   help="mask files (PNG etc.: class ids, or binary 0/255)")
+    p.add_argument("--labels", type=cli_path, metavar="FILE",
+                   help="labels.json mapping class id -> name (default: the ids found in the masks)")
     p.add_argument("--skip-bad", action="store_true", help="exit 0 even when bad inputs were skipped")
     _add_output_options(p, 1)
     p.set_defaults(handler=_run_import_folders)
@@ -409,7 +444,7 @@ def _run_gc_cmd(args: argparse.Namespace) -> int:
 def _run_compile_cmd(args: argparse.Namespace) -> int:
     from segpipe.pipeline.kubeflow import compile_pipeline
 
-    out = compile_pipeline(config_from_args(args), args.out, image=args.image)
+    out = compile_pipeline(config_from_args(args), args.out_file, image=args.image)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -461,57 +496,61 @@ def _run_submit_cmd(args: argparse.Namespace, schedule: bool = False) -> int:
 def _add_kfp_client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="Kubeflow Pipelines API URL, e.g. https://kubeflow.example.com/pipeline")
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user deployments)")
-    p.add_argument("--experiment", default="segpipe", help="experiment name (default segpipe)")
+    p.add_argument("--experiment", default="segpipe", help="experiment name (default: %(default)s)")
     p.add_argument("--name", help="run / recurring run name")
-    p.add_argument("--package", metavar="YAML", help="a compiled pipeline (default: compile from the config now)")
-    p.add_argument("--image", help="container image (default kubeflow.image)")
+    p.add_argument("--package", type=cli_path, metavar="FILE",
+                   help="a compiled pipeline YAML (default: compile from the config now)")
+    p.add_argument("--image", help="container image (default: kubeflow.image of the config)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                    help="pipeline parameter, e.g. --param span=3 (repeatable)")
 
 
 def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the whole pipeline here (demo data when none is configured)")
-    add_config_options(p)
-    p.add_argument("--data", metavar="PATTERN", help="input pattern with {SPAN}, relative to data.root or absolute")
-    p.add_argument("--span", type=int, help="the latest span to read (default: the newest)")
-    p.add_argument("--threshold", type=float, help="evaluation.pixel_accuracy_threshold for the gate")
-    p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--image-size", type=int, help="transform.image_size")
+    p.add_argument("--data", type=cli_path, metavar="PATTERN",
+                   help="raw TFRecord files with {SPAN}, e.g. 'data/span-{SPAN}/*' (default: data.input_pattern)")
+    p.add_argument("--span", type=int, help="the latest span to read (default: data.span, null = the newest)")
+    p.add_argument("--threshold", type=float, help="pixel accuracy the gate needs (default: evaluation.pixel_accuracy_threshold)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: train.epochs)")
+    p.add_argument("--image-size", type=int, help="square model input in pixels (default: transform.image_size)")
     p.add_argument("--no-cache", action="store_true", help="rerun every step even when a cached result matches")
     p.add_argument("--force", action="store_true", help="train even when no span is newer than the serving model's")
-    p.add_argument("--demo-size", type=int, default=1000, help="images in the generated demo span (default 1000)")
+    p.add_argument("--demo-size", type=int, default=1000,
+                   help="images in the demo span generated when no data is configured (default: %(default)s)")
+    add_config_options(p)
     p.set_defaults(handler=_run_pipeline_cmd)
 
     p = sub.add_parser("runs", help="list recorded runs with status, metrics and blessing")
+    p.add_argument("--limit", type=int, default=20, help="newest runs to list (default: %(default)s)")
     add_config_options(p)
-    p.add_argument("--limit", type=int, default=20)
     p.set_defaults(handler=_run_runs_cmd)
 
     p = sub.add_parser("lineage", help="what produced an artifact, and from which data")
+    p.add_argument("artifact", metavar="ARTIFACT", help="an artifact id, or a path inside an artifact")
     add_config_options(p)
-    p.add_argument("artifact", metavar="ARTIFACT", help="artifact id or a path inside an artifact")
     p.set_defaults(handler=_run_lineage_cmd)
 
     p = sub.add_parser("gc", help="remove artifacts no pushed version and none of the last N runs need")
+    p.add_argument("--keep", type=int, default=5, help="newest runs whose artifacts stay (default: %(default)s)")
     add_config_options(p)
-    p.add_argument("--keep", type=int, default=5, help="runs whose artifacts stay (default 5)")
     p.set_defaults(handler=_run_gc_cmd)
 
     p = sub.add_parser("compile", help="compile the pipeline to Kubeflow Pipelines v2 YAML")
+    p.add_argument("--out-file", type=cli_path, default="pipeline.yaml", metavar="FILE",
+                   help="where to write the pipeline YAML (default: %(default)s)")
+    p.add_argument("--image", help="container image (default: kubeflow.image of the config)")
     add_config_options(p)
-    p.add_argument("--out", default="pipeline.yaml", help="output YAML (default pipeline.yaml)")
-    p.add_argument("--image", help="container image (default kubeflow.image)")
     p.set_defaults(handler=_run_compile_cmd)
 
     p = sub.add_parser("submit", help="create a run on a Kubeflow Pipelines deployment")
-    add_config_options(p)
     _add_kfp_client_options(p)
+    add_config_options(p)
     p.set_defaults(handler=_run_submit_cmd)
 
     p = sub.add_parser("schedule", help="create a recurring (retraining) run on Kubeflow Pipelines")
-    add_config_options(p)
     _add_kfp_client_options(p)
-    p.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (5 or 6 fields)')
+    p.add_argument("--cron", required=True, metavar="SCHEDULE", help='cron schedule, e.g. "0 3 * * *" (5 or 6 fields)')
+    add_config_options(p)
     p.set_defaults(handler=lambda args: _run_submit_cmd(args, schedule=True))
 
 
@@ -521,7 +560,7 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
 def _run_schema_infer(args: argparse.Namespace) -> int:
     from segpipe.components.schema_gen import infer_schema_draft
 
-    result = infer_schema_draft(args.stats, args.out)
+    result = infer_schema_draft(args.stats, args.out_file)
     print(f"wrote a draft schema with features {', '.join(result['features'])} to {result['path']}")
     print("review it, then set validation.schema_path to use it")
     return EXIT_OK
@@ -531,51 +570,62 @@ def _add_schema_commands(sub: argparse._SubParsersAction) -> None:
     schema = sub.add_parser("schema", help="draft a schema from statistics (the curated one is schemas/schema.pbtxt)")
     schema_sub = schema.add_subparsers(dest="schema_command", metavar="SUBCOMMAND", required=True)
     p = schema_sub.add_parser("infer", help="write a draft schema inferred by TFDV from statistics")
-    p.add_argument("--stats", required=True, help="a stats.pb file or a Statistics artifact folder (its train split)")
-    p.add_argument("--out", required=True, help="where to write the draft schema text proto (atomically)")
+    p.add_argument("--stats", required=True, type=cli_path, metavar="PATH",
+                   help="a stats.pb file or a Statistics artifact folder (its train split)")
+    p.add_argument("--out-file", required=True, type=cli_path, metavar="FILE",
+                   help="where to write the draft schema text proto (atomically)")
     p.set_defaults(handler=_run_schema_infer)
 
 
-# ------------------------------------------------------------------ registration
+# ------------------------------------------------------------------ train
 
-# Each capability appends its own registrar here.
+
 def _run_train(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
-    from pathlib import Path
 
-    from segpipe.components.core.artifacts import fingerprint
+    from segpipe.components.core.artifacts import KERAS_MODEL_FILE, fingerprint
+    from segpipe.components.core.serving import latest_blessed_model
     from segpipe.components.trainer import train_model
+    from segpipe.pipeline.pipeline import artifact_name, create_pipeline, nodes_by_name, scratch_dir
 
     cfg = config_from_args(args)
-    key = fingerprint(str(Path(args.transformed).resolve()), str(Path(args.model).resolve()), cfg.as_dict())
-    backup_dir = args.backup_dir or str(Path(cfg.root) / ".trainer_backups" / f"cli-{key[:16]}")
+    base_model = args.model
+    if base_model and not cfg.train.warm_start:
+        raise BadInputError("--model: warm start is off (train.warm_start: false); drop --model or enable it")
+    if base_model and not (Path(base_model) / KERAS_MODEL_FILE).is_file():
+        base_model = latest_blessed_model(base_model) or base_model  # a serving dir: its latest version
+    # The pipeline's Trainer node: the same parameters and output folder names as in a run.
+    node = nodes_by_name(create_pipeline(cfg))["trainer"]
+    outputs = {arg: os.path.join(args.out, artifact_name(arg)) for arg in node.outputs}
+    key = fingerprint("cli-train", args.transformed, args.transform_graph, base_model, args.out, cfg.as_dict())
     result = train_model(
-        args.transformed,
-        args.transform_graph,
-        args.model,
-        args.model_run,
-        base_model_uri=args.base_model,
-        backup_dir=backup_dir,
-        num_classes=cfg.data.num_classes,
-        image_size=cfg.transform.image_size,
-        model_config=dataclasses.asdict(cfg.model),
-        train_config=dataclasses.asdict(cfg.train),
+        transformed_examples_uri=args.transformed,
+        transform_graph_uri=args.transform_graph,
+        base_model_uri=base_model,
+        backup_dir=args.backup_dir or scratch_dir(cfg, key),
+        **outputs,
+        **node.params(cfg),
     )
     print(json.dumps(result, indent=2))
+    print(f"wrote {', '.join(outputs.values())}")
     return EXIT_OK
 
 
 def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="run the trainer on existing Transform outputs (resumes if killed)")
-    p.add_argument("--transformed", required=True, metavar="DIR", help="TransformedExamples artifact")
-    p.add_argument("--transform-graph", required=True, metavar="DIR", help="TransformGraph artifact")
-    p.add_argument("--model", required=True, metavar="DIR", help="output Model artifact")
-    p.add_argument("--model-run", required=True, metavar="DIR", help="output ModelRun artifact (logs, curves)")
-    p.add_argument("--base-model", metavar="DIR", help="warm start from this Model artifact or serving version")
-    p.add_argument("--backup-dir", metavar="DIR", help="resume state; default <root>/.trainer_backups/cli-<key>")
+    p.add_argument("--transformed", required=True, type=cli_path, metavar="DIR", help="TransformedExamples artifact")
+    p.add_argument("--transform-graph", required=True, type=cli_path, metavar="DIR", help="TransformGraph artifact")
+    p.add_argument("--out", required=True, type=cli_path, metavar="DIR",
+                   help="writes the Model artifact to DIR/model and the ModelRun (logs, curves) to DIR/model_run")
+    p.add_argument("--model", type=cli_path, metavar="DIR",
+                   help="warm start from this Model artifact, serving version or serving directory (its latest)")
+    p.add_argument("--backup-dir", type=cli_path, metavar="DIR",
+                   help="resume state (default: a folder under <root>/.trainer_backups/ keyed by the arguments)")
     add_config_options(p)
     p.set_defaults(handler=_run_train)
+
+
+# ------------------------------------------------------------------ registration
 
 
 _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -652,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("segpipe: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str  # "" = <pipeline root>/data
-    input_pattern: str  # relative to `root` unless absolute; must contain {SPAN}
+    root: str  # relative to the pipeline root; "" = <pipeline root>/data
+    input_pattern: str  # relative to `data.root` unless absolute; must contain {SPAN}
     span: int | None = field(metadata=_rng(0))  # None = the latest span
     num_spans: int = field(metadata=_rng(1))  # read the last K spans ending at `span`
     num_classes: int = field(metadata=_rng(2, 254))  # class ids 0..K-1, 0 = background
@@ -51,7 +51,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    schema_path: str  # "" = the schema shipped in `schemas/`
+    schema_path: str  # relative to the pipeline root; "" = the schema shipped in `schemas/`
     max_invalid_fraction: float = field(metadata=_rng(0.0, 1.0))
     drift_threshold: float = field(metadata=_rng(0.0, 1.0))  # Jensen-Shannon; 0 disables
 
@@ -99,7 +99,7 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class PushConfig:
-    serving_dir: str  # "" = <pipeline root>/serving
+    serving_dir: str  # relative to the pipeline root; "" = <pipeline root>/serving
     keep_last: int = field(metadata=_rng(0))  # 0 keeps every version
 
 
@@ -126,7 +126,7 @@ class KubeflowConfig:
 
 @dataclass(frozen=True)
 class MetadataConfig:
-    sqlite_path: str  # "" = <pipeline root>/metadata.sqlite
+    sqlite_path: str  # relative to the pipeline root; "" = <pipeline root>/metadata.sqlite
     mysql_host: str  # non-empty switches ML Metadata to MySQL
     mysql_port: int = field(metadata=_rng(1, 65535))
     mysql_database: str
@@ -150,30 +150,49 @@ class SegpipeConfig:
     kubeflow: KubeflowConfig
     metadata: MetadataConfig
 
-    # Derived locations: "" in the YAML means "under the pipeline root".
+    # Derived locations. A relative path in the config has one base: `root` for data.root,
+    # push.serving_dir, metadata.sqlite_path and validation.schema_path, `data.root` for
+    # data.input_pattern; `root` itself is relative to the current directory. "" means the
+    # default place under that base. An absolute path or a URI (gs://...) is used unchanged,
+    # which is how the CLI's paths (made absolute against the current directory) win.
     @property
     def data_root(self) -> str:
-        return self.data.root or str(Path(self.root) / "data")
+        return join_path(self.root, self.data.root or "data")
 
     @property
     def serving_dir(self) -> str:
-        return self.push.serving_dir or str(Path(self.root) / "serving")
+        return join_path(self.root, self.push.serving_dir or "serving")
 
     @property
     def sqlite_path(self) -> str:
-        return self.metadata.sqlite_path or str(Path(self.root) / "metadata.sqlite")
+        return join_path(self.root, self.metadata.sqlite_path or "metadata.sqlite")
 
     @property
     def schema_path(self) -> str:
-        return self.validation.schema_path or str(resources.files("segpipe.schemas") / "schema.pbtxt")
+        if not self.validation.schema_path:
+            return str(resources.files("segpipe.schemas") / "schema.pbtxt")
+        return join_path(self.root, self.validation.schema_path)
 
     @property
     def input_pattern(self) -> str:
-        pattern = self.data.input_pattern
-        return pattern if Path(pattern).is_absolute() else str(Path(self.data_root) / pattern)
+        return join_path(self.data_root, self.data.input_pattern)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def is_absolute_path(path: str) -> bool:
+    """An absolute local path, or a URI of another filesystem (gs://, s3://, hdfs://, ...)."""
+    return "://" in path or Path(path).is_absolute()
+
+
+def join_path(base: str, path: str) -> str:
+    """`path` relative to `base` unless it is absolute; keeps a URI base's `//` intact."""
+    if is_absolute_path(path):
+        return path
+    if "://" in base:
+        return f"{base.rstrip('/')}/{path}"
+    return str(Path(base) / path)
 
 
 # ---------------------------------------------------------------- loading
@@ -194,7 +213,7 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
 
 
 def _packaged_yaml(name: str) -> dict[str, Any]:
-    return _read_yaml((resources.files("pipeline") / name).read_text(), f"pipeline/{name}")
+    return _read_yaml((resources.files("segpipe.pipeline") / name).read_text(), f"pipeline/{name}")
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,10 +20,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from segpipe.components.core import artifacts
-from segpipe.components.core.errors import BadInputError, NotBlessedError, SegpipeError
+from segpipe.components.core.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    BadInputError,
+    NotBlessedError,
+    SegpipeError,
+)
 from segpipe.components.example_gen import resolve_spans
 from segpipe.pipeline import metadata as md
-from segpipe.pipeline.config import SegpipeConfig, with_overrides
+from segpipe.pipeline.config import SegpipeConfig, is_absolute_path, with_overrides
 from segpipe.pipeline.pipeline import (
     SERVING_INFO_FILE,
     Node,
@@ -289,9 +296,12 @@ def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
 
 
 def ensure_demo_data(cfg: SegpipeConfig, num: int = DEMO_NUM_IMAGES) -> str | None:
-    """Generate the demo dataset under `<root>/data` when the default data root holds no span."""
+    """Generate the demo dataset under `<root>/data` when the default data root holds no span.
+
+    A configured data root or an absolute input pattern (e.g. `segpipe run --data`) is user data.
+    """
     data_root = Path(cfg.data_root)
-    if cfg.data.root or any(data_root.glob("span-*")):
+    if cfg.data.root or is_absolute_path(cfg.data.input_pattern) or any(data_root.glob("span-*")):
         return None
     from segpipe.components.tools.demo_data import write_demo_data
 
@@ -322,7 +332,7 @@ def run_pipeline(
     root.mkdir(parents=True, exist_ok=True)
     with artifacts.file_lock(root / ROOT_LOCK, exclusive=False):
         runner = LocalRunner(cfg, nodes=nodes, no_cache=no_cache, run_id=run_id, progress=progress)
-        run = RunResult(runner.run_id, "running", 0)
+        run = RunResult(runner.run_id, "running", EXIT_OK)
         started = time.time()
         runner.metadata.start_run(cfg.pipeline_name, run.run_id, {"root": str(root), "profile": cfg.profile,
                                                                   "config": cfg.as_dict()})
@@ -332,13 +342,16 @@ def run_pipeline(
                 if not new:
                     run.status, run.message = "no_new_data", why
                     progress(why)
-                    runner.metadata.update_run(run.run_id, status=run.status, message=why, exit_code=0,
+                    runner.metadata.update_run(run.run_id, status=run.status, message=why, exit_code=EXIT_OK,
                                                finished=time.time(), duration=time.time() - started)
                     return run
                 progress(f"training: {why}")
             run.steps = runner.run()
         except BaseException as exc:
-            exit_code = exc.exit_code if isinstance(exc, SegpipeError) else 1
+            if isinstance(exc, SegpipeError):
+                exit_code = exc.exit_code
+            else:
+                exit_code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_FAILURE
             status = "bad_input" if isinstance(exc, BadInputError) else "failed"
             runner.metadata.update_run(run.run_id, status=status, message=f"{type(exc).__name__}: {exc}",
                                        exit_code=exit_code, finished=time.time(),
@@ -357,14 +370,14 @@ def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
     run.reasons = list(evaluation.get("reasons") or []) if isinstance(evaluation, Mapping) else []
     run.metrics = dict(evaluation.get("metrics") or {}) if isinstance(evaluation, Mapping) else {}
     if isinstance(push, Mapping) and push.get("pushed"):
-        run.status, run.exit_code = "pushed", 0
+        run.status, run.exit_code = "pushed", EXIT_OK
         run.pushed_version, run.pushed_path = push.get("version"), push.get("path")
         run.message = f"pushed version {run.pushed_version} to {run.pushed_path}"
     elif "evaluator" in results:
         run.status, run.exit_code = "not_blessed", NotBlessedError.exit_code
         run.message = "not blessed: " + ("; ".join(run.reasons) or "the gate failed")
     else:
-        run.status, run.exit_code, run.message = "done", 0, "all steps finished"
+        run.status, run.exit_code, run.message = "done", EXIT_OK, "all steps finished"
     run.report_path = write_report(runner, run)
     runner.metadata.update_run(
         run.run_id, status=run.status, message=run.message, exit_code=run.exit_code, blessed=run.blessed,

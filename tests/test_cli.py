@@ -1,4 +1,4 @@
-"""The `segpipe` command: help for every subcommand, fast startup, argparse errors exit 2."""
+"""The `segpipe` command: help for every subcommand, fast startup, consistent flags, exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,17 @@ import sys
 
 import pytest
 
-from segpipe.pipeline.cli import build_parser, main
+from segpipe.components.core.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_BLESSED,
+    BadInputError,
+    NotBlessedError,
+    SegpipeError,
+)
+from segpipe.pipeline import cli
+from segpipe.pipeline.cli import build_parser, cli_path, main
 
 
 def _command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -58,5 +68,41 @@ def test_console_script_help_is_fast_and_imports_no_heavy_library():
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
-    assert info.value.code == 2
+    assert info.value.code == EXIT_BAD_INPUT
     assert "usage: segpipe" in capsys.readouterr().err
+
+
+def _options(path: tuple[str, ...]) -> list[argparse.Action]:
+    parser = build_parser()
+    for name in path:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return [a for a in parser._actions if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+
+
+PATH_METAVARS = {"DIR", "FILE", "PATTERN", "PATH"}
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) or "segpipe" for p in COMMANDS])
+def test_path_arguments_are_made_absolute_and_flags_mean_one_thing(path):
+    """A path metavar <=> made absolute against the cwd; --out is a folder, --out-file a file, --model a folder."""
+    for action in _options(path):
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        assert (action.metavar in PATH_METAVARS) == (action.type is cli_path), f"{' '.join(path)} {name}"
+        expected = {"--out": "DIR", "--out-file": "FILE", "--model": "DIR", "--baseline": "DIR", "--data": "PATTERN"}
+        if name in expected:
+            assert action.metavar == expected[name], f"{' '.join(path)} {name}"
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run_config_show", interrupted)
+    assert main(["config"]) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip() == "segpipe: interrupted"
+
+
+def test_error_classes_carry_the_shared_exit_codes():
+    assert (SegpipeError.exit_code, BadInputError.exit_code, NotBlessedError.exit_code) == (
+        EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_BLESSED) == (1, 2, 3)

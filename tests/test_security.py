@@ -153,7 +153,7 @@ def assert_no_secret(*texts: str) -> None:
 
 def test_compiled_pipeline_yaml_holds_no_credentials(secrets, tmp_path, capsys):
     out = tmp_path / "pipeline.yaml"
-    argv = ["compile", "--out", str(out), "--set", "metadata.mysql_host=mlmd.example.internal"]
+    argv = ["compile", "--out-file", str(out), "--set", "metadata.mysql_host=mlmd.example.internal"]
     assert main(argv) == 0
     text = out.read_text()
     assert "mlmd.example.internal" in text  # the config went in, the password did not

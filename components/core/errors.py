@@ -1,21 +1,28 @@
-"""Errors that carry their CLI exit code (README "Exit codes").
+"""Exit codes and the errors that carry them (README "Exit codes").
 
 Components raise these with a message naming the file, record or field; the CLI prints the
-message on one line (no traceback) and exits with `exit_code`.
+message on one line (no traceback) and exits with `exit_code`. The codes are defined here once;
+the CLI, the local runner's run records and the error classes all use these constants.
 """
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an internal or training failure
+EXIT_BAD_INPUT = 2  # bad input, configuration or data; also argparse usage errors
+EXIT_NOT_BLESSED = 3  # the candidate model failed the evaluation gate
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it
 
 
 class SegpipeError(Exception):
     """An expected failure with a message meant for the user."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class BadInputError(SegpipeError):
     """Bad input, configuration or data (including skipped files and data anomalies)."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class DataAnomalyError(BadInputError):
@@ -25,10 +32,10 @@ class DataAnomalyError(BadInputError):
 class TrainingError(SegpipeError):
     """Training failed (e.g. NaN loss); the message names the epoch and step."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class NotBlessedError(SegpipeError):
     """The candidate model did not pass the evaluation gate; nothing was pushed."""
 
-    exit_code = 3
+    exit_code = EXIT_NOT_BLESSED
