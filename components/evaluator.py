@@ -323,7 +323,7 @@ def grid_rows(result: dict[str, Any]) -> list[Any]:
     from PIL import Image
 
     from segpipe.components.core.data_format import decode_image
-    from segpipe.components.tools.report import GridRow
+    from segpipe.components.core.visual import GridRow
 
     rows = []
     worst = result["worst"][:NUM_GRID_EXAMPLES]
@@ -354,7 +354,7 @@ def evaluate_files(
     inputs: tuple[str | None, ...] = (),
 ) -> dict:
     """Evaluate raw example files (see module docstring); publishes ModelEvaluation and ModelBlessing."""
-    from segpipe.components.tools.report import GRID_FILE, plot_prediction_grid
+    from segpipe.components.core.visual import GRID_FILE, plot_prediction_grid
 
     if not files:
         raise BadInputError("no test records to evaluate")

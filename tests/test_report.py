@@ -18,6 +18,7 @@ from PIL import Image
 from segpipe.components import example_validator, statistics_gen, trainer
 from segpipe.components.core import artifacts
 from segpipe.components.core.data_format import write_labels
+from segpipe.components.core import visual
 from segpipe.components.core.visual import IGNORE_COLOUR, PALETTE, mask_to_rgb
 from segpipe.components.evaluator import gate_checks, verdict
 from segpipe.components.example_gen import SKIPPED_FILE
@@ -25,12 +26,12 @@ from segpipe.components.pusher import PUSH_RESULT_FILE
 from segpipe.components.tools import report
 
 
-def grid_rows(n: int) -> list[report.GridRow]:
+def grid_rows(n: int) -> list[visual.GridRow]:
     image = np.zeros((16, 16, 3), np.uint8)
     truth = np.zeros((16, 16), np.uint8)
     truth[4:8, 4:8] = 1
     truth[0] = 255
-    return [report.GridRow(f"worst {i}", image, truth, np.roll(truth, i, axis=1) % 255) for i in range(n)]
+    return [visual.GridRow(f"worst {i}", image, truth, np.roll(truth, i, axis=1) % 255) for i in range(n)]
 
 
 def test_mask_colours() -> None:
@@ -39,8 +40,8 @@ def test_mask_colours() -> None:
 
 
 def test_grid_png_has_one_row_per_example(tmp_path: Path) -> None:
-    one = report.plot_prediction_grid(grid_rows(1), tmp_path / "one.png")
-    four = report.plot_prediction_grid(grid_rows(4), tmp_path / "four.png", title="best and worst")
+    one = visual.plot_prediction_grid(grid_rows(1), tmp_path / "one.png")
+    four = visual.plot_prediction_grid(grid_rows(4), tmp_path / "four.png", title="best and worst")
     h1, h4 = Image.open(one).height, Image.open(four).height
     assert Image.open(four).format == "PNG"
     assert 3.5 * h1 < h4 < 4.5 * h1
@@ -175,7 +176,7 @@ def write_model_run(uri: Path) -> Path:
             writer = csv.DictWriter(fh, fieldnames=list(HISTORY[0]))
             writer.writeheader()
             writer.writerows(HISTORY)
-        report.plot_prediction_grid(grid_rows(1), tmp / trainer.CURVES_FILE)
+        visual.plot_prediction_grid(grid_rows(1), tmp / trainer.CURVES_FILE)
         info["extra"] = {"epochs": 2, "best_epoch": 2, "initial_epoch": 0, "parameters": 7469, "precision": "float32",
                          "warm_start": {"used": False, "reason": "no base model"}}
     return uri
@@ -199,7 +200,7 @@ def write_artifacts(root: Path, blessed: bool, record_checks: bool = True) -> di
     recorded = {"checks": checks} if record_checks else {}
     with artifacts.publish(evaluation, artifacts.MODEL_EVALUATION, producer="evaluator") as (tmp, _):
         (tmp / artifacts.EVALUATION_FILE).write_text(json.dumps({**METRICS, "gate": gate, **recorded}))
-        report.plot_prediction_grid(grid_rows(2), tmp / report.GRID_FILE)
+        visual.plot_prediction_grid(grid_rows(2), tmp / visual.GRID_FILE)
     with artifacts.publish(blessing, artifacts.MODEL_BLESSING, producer="evaluator") as (tmp, _):
         (tmp / artifacts.BLESSING_FILE).write_text(json.dumps({"blessed": blessed, "reasons": reasons, **recorded}))
     record = {"pushed": blessed, "version": 4 if blessed else None, "path": str(root / "serving" / "4") if blessed else None,
@@ -285,7 +286,7 @@ def test_per_class_metrics_without_labels_name_classes_by_id(tmp_path: Path) -> 
 
 def test_predictions_and_training_curves_are_inlined(rejected) -> None:
     _, parsed, uris = rejected
-    grid = (uris["evaluation_uri"] / report.GRID_FILE).read_bytes()
+    grid = (uris["evaluation_uri"] / visual.GRID_FILE).read_bytes()
     curves = (uris["model_run_uri"] / trainer.CURVES_FILE).read_bytes()
     import base64
 

@@ -32,13 +32,12 @@ from segpipe.components.core import artifacts
 from segpipe.components.core import metrics as seg_metrics
 from segpipe.components.core.data_format import LABELS_FILE, read_labels
 from segpipe.components.core.errors import BadInputError
-from segpipe.components.core.visual import mask_to_rgb
+from segpipe.components.core.visual import GRID_FILE
 from segpipe.components.example_gen import SKIPPED_FILE
 from segpipe.components.pusher import PUSH_RESULT_FILE
 
 log = logging.getLogger(__name__)
 
-GRID_FILE = "predictions.png"
 MAX_LISTED = 20  # quarantined or skipped records named one by one; the rest are counted
 _NUMBER = re.compile(r"^(–|[+−-]?[\d,]*\.?\d+%?)$")  # cells that align right
 
@@ -77,42 +76,6 @@ td.cm{min-width:72px} small,.muted{color:#59636e}
 img{max-width:100%;height:auto;border:1px solid #d0d7de;margin:6px 0} img.grid{max-width:560px}
 code{background:#f6f8fa;padding:0 3px;border-radius:3px;word-break:break-all} a{overflow-wrap:anywhere}
 """
-
-
-@dataclass(frozen=True)
-class GridRow:
-    """One row of the prediction grid: the model's-eye input and both masks at the same size."""
-
-    title: str
-    image: np.ndarray  # H x W x 3 uint8
-    true_mask: np.ndarray  # H x W class ids, 255 = ignore
-    pred_mask: np.ndarray  # H x W class ids
-
-
-def plot_prediction_grid(rows: list[GridRow], out_path: str | os.PathLike, *, title: str = "") -> Path:
-    """Save the input / true mask / predicted mask grid (one row per example) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    out_path = Path(out_path)
-    n = max(len(rows), 1)
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for row, ax_row in zip(rows, axes):
-        ax_row[0].imshow(row.image)
-        ax_row[1].imshow(mask_to_rgb(row.true_mask), interpolation="nearest")
-        ax_row[2].imshow(mask_to_rgb(row.pred_mask), interpolation="nearest")
-        for ax, text in zip(ax_row, (row.title, "true mask", "predicted mask")):
-            ax.set_title(text, fontsize=9)
-    if title:
-        fig.suptitle(title, y=1.0)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return out_path
 
 
 # ------------------------------------------------------------------ HTML pieces
