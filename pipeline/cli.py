@@ -27,6 +27,7 @@ from segpipe.components.core.errors import (
     BadInputError,
     SegpipeError,
 )
+from segpipe.pipeline import console
 from segpipe.pipeline.config import (
     PROFILES,
     ConfigError,
@@ -643,48 +644,28 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segpipe",
         description="Image segmentation pipeline: TFRecords -> TFDV -> TFT -> Keras U-Net -> serving.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show library output (TensorFlow, Beam, ...) and debug lines on the terminal")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in _REGISTRARS:
         register(sub)
     return parser
 
 
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever `sys.stderr` is at emit time (tests and repeated main() calls swap it)."""
-
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def _setup_logging(verbose: bool) -> None:
-    if not verbose:
-        # TensorFlow's C++ start-up noise (CUDA probing, TensorRT); read when TF is first imported.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _CurrentStderrHandler)]:
-        root.removeHandler(handler)
-    handler = _CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
-    # Third-party libraries (TensorFlow, absl, Beam) log through the root logger and are chatty at
-    # INFO; their warnings still show. segpipe's own loggers stay at INFO (DEBUG with -v).
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for name in ("components", "pipeline", "segpipe"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+def _log_path(args: argparse.Namespace) -> Path | None:
+    """The command's log file under its pipeline root (pipeline/console.py); None without a root."""
+    if not hasattr(args, "overrides"):  # a command without configuration options has no root
+        return None
+    return console.command_log_path(config_from_args(args).root, args.command, create=args.command == "run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
     try:
-        return int(args.handler(args) or EXIT_OK)
+        # Before any handler imports TensorFlow; the session ends before the messages below print.
+        with console.session(verbose=args.verbose, log_path=_log_path(args)):
+            return int(args.handler(args) or EXIT_OK)
     except ConfigError as exc:
         print(f"segpipe: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -29,6 +29,7 @@ from segpipe.components.core.errors import (
     SegpipeError,
 )
 from segpipe.components.example_gen import resolve_spans
+from segpipe.pipeline import console
 from segpipe.pipeline import metadata as md
 from segpipe.pipeline.config import SegpipeConfig, is_absolute_path, with_overrides
 from segpipe.pipeline.pipeline import (
@@ -271,7 +272,10 @@ def summarize(result: Any) -> str:
     if not isinstance(result, Mapping):
         return f"  {result}" if result else ""
     parts = []
-    for key in ("counts", "blessed", "pushed", "version"):
+    counts = result.get("counts") or result.get("num_examples")  # records per split (StatisticsGen: num_examples)
+    if isinstance(counts, Mapping) and all(isinstance(v, int) for v in counts.values()):
+        parts.append(f"{sum(counts.values())} records (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+    for key in ("blessed", "pushed", "version"):
         if key in result and result[key] is not None:
             parts.append(f"{key}={json.dumps(result[key], default=str, sort_keys=True)}")
     return ("  " + " ".join(parts)) if parts else ""
@@ -333,6 +337,9 @@ def run_pipeline(
     with artifacts.file_lock(root / ROOT_LOCK, exclusive=False):
         runner = LocalRunner(cfg, nodes=nodes, no_cache=no_cache, run_id=run_id, progress=progress)
         run = RunResult(runner.run_id, "running", EXIT_OK)
+        log_path = console.move_log(root / console.LOGS_DIR / f"{run.run_id}.log")  # the command's log, renamed
+        if log_path:
+            progress(f"log: {log_path}")
         started = time.time()
         runner.metadata.start_run(cfg.pipeline_name, run.run_id, {"root": str(root), "profile": cfg.profile,
                                                                   "config": cfg.as_dict()})

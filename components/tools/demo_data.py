@@ -226,6 +226,8 @@ def write_demo_data(
     """
     from tqdm import tqdm
 
+    from segpipe.components.core.progress import terminal_stream
+
     if num < 1:
         raise ValueError(f"num: must be at least 1, got {num}")
     span = next_span(data_root) if span is None else span
@@ -233,11 +235,12 @@ def write_demo_data(
     num_shards = num_shards or max(1, num // 500)
     workers = default_workers(num) if workers is None else workers
     fractions: list[float] = []
+    bar_stream = terminal_stream(log) if progress else None  # a bar only where segpipe's lines reach a terminal
 
     def records() -> Iterator[bytes]:
         examples = iter_encoded_examples(num, seed, workers)
         for example_id, image_png, mask_png, fraction in tqdm(
-            examples, total=num, desc=f"demo span-{span}", disable=not progress
+            examples, total=num, desc=f"demo span-{span}", file=bar_stream, disable=bar_stream is None
         ):
             fractions.append(fraction)
             yield encode_example(example_id, image_png, mask_png)

@@ -280,7 +280,11 @@ def _records(
     """Serialized examples of the good pairs (id = stem); bad pairs go into `report`."""
     from tqdm import tqdm
 
-    for stem, image_path, mask_path in tqdm(pairs, desc="import", unit="image", disable=not progress):
+    from segpipe.components.core.progress import terminal_stream
+
+    bar_stream = terminal_stream(log) if progress else None  # a bar only where segpipe's lines reach a terminal
+    for stem, image_path, mask_path in tqdm(pairs, desc="import", unit="image", file=bar_stream,
+                                            disable=bar_stream is None):
         try:
             image_bytes, mask, converted = load(image_path, mask_path)
         except SkipInput as exc:

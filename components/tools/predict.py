@@ -97,6 +97,8 @@ def predict_images(
     """
     from tqdm import tqdm
 
+    from segpipe.components.core.progress import terminal_stream
+
     if batch_size < 1:
         raise BadInputError(f"--batch-size: expected >= 1, got {batch_size}")
     files = collect_images(inputs)
@@ -108,7 +110,8 @@ def predict_images(
     jobs = list(zip(files, output_stems(files)))
     written: list[str] = []
     failed: list[tuple[str, str]] = []
-    with tqdm(total=len(jobs), unit="image", desc="predict", disable=None) as bar:
+    bar_stream = terminal_stream(log)  # a bar only where segpipe's lines reach a terminal
+    with tqdm(total=len(jobs), unit="image", desc="predict", file=bar_stream, disable=bar_stream is None) as bar:
         for batch in _batches(jobs, batch_size):
             ready = []
             for path, stem in batch:
