@@ -4,7 +4,8 @@ The epoch line goes through segpipe's logging (so it reaches the terminal and th
 
     epoch 3/12  loss=0.4123  val_loss=0.3990  val_iou=0.5512  val_pixel_accuracy=0.9310  12.3s  ETA 1m51s
 
-ETA is the mean epoch time so far times the epochs left (early stopping may end sooner). The bar
+ETA is the mean epoch time times the epochs left (early stopping may end sooner); the first epoch,
+slow with graph tracing, is left out of the mean once a later one is known. The bar
 (tqdm) is drawn only where the progress logger's lines reach a terminal (a handler whose stream is
 a TTY), never into a log file or a pipe; `terminal_stream` makes the same choice for the tools'
 bars (demo data, import, predict). Keras's own progress output is meant to be off
@@ -115,7 +116,8 @@ def _epoch_progress_class() -> type:
             self.steps = self.steps or self.seen or None
             epochs = int(self.params["epochs"])
             left = epochs - (epoch + 1)
-            eta = sum(self.durations) / len(self.durations) * left if left > 0 else None
+            steady = self.durations[1:] or self.durations  # the first epoch also traces the graph
+            eta = sum(steady) / len(steady) * left if left > 0 else None
             log.info("%s", format_epoch_line(epoch + 1, epochs, logs or {}, seconds, eta))
 
         def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
