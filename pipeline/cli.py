@@ -639,8 +639,16 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: `compile --out x` must not silently mean `--out-file x`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="segpipe",
         description="Image segmentation pipeline: TFRecords -> TFDV -> TFT -> Keras U-Net -> serving.",
     )

@@ -106,3 +106,10 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
 def test_error_classes_carry_the_shared_exit_codes():
     assert (SegpipeError.exit_code, BadInputError.exit_code, NotBlessedError.exit_code) == (
         EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_NOT_BLESSED) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("argv", [["compile", "--out", "x.yaml"], ["serving", "list", "--serving", "s"]])
+def test_abbreviated_flags_are_refused_at_every_level(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
