@@ -5,6 +5,7 @@ top-level packages through the current directory and hide a packaging mistake.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -32,8 +33,13 @@ def test_the_installed_package_imports_from_anywhere_and_generic_names_do_not(tm
 
 
 def test_the_wheel_holds_exactly_one_top_level_package(tmp_path):
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
+    source = tmp_path / "src"
+    for name in ("setup.py", "pyproject.toml", "README.md", "components", "pipeline", "schemas"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr[-2000:]
