@@ -35,6 +35,7 @@ def test_the_installed_package_imports_from_anywhere_and_generic_names_do_not(tm
 def test_the_wheel_holds_exactly_one_top_level_package(tmp_path):
     # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
     source = tmp_path / "src"
+    source.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md", "components", "pipeline", "schemas"):
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
         copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
