@@ -364,9 +364,10 @@ def _run_pipeline_cmd(args: argparse.Namespace) -> int:
     from segpipe.pipeline.local_runner import absolute_root, ensure_demo_data, run_pipeline
 
     cfg = absolute_root(_pipeline_config(args))
-    demo = ensure_demo_data(cfg, num=args.demo_size)
+    demo = ensure_demo_data(cfg, asked=args.demo, num=args.demo_size)
     if demo:
-        print(f"generated the demo dataset ({args.demo_size} images) at {demo}")
+        print(f"no data given: generated the built-in demo dataset ({args.demo_size} synthetic images) at {demo}; "
+              "pass --data PATTERN to train on your own")
     result = run_pipeline(cfg, no_cache=args.no_cache, force=args.force, progress=print)
     print(f"run {result.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
     if result.report_path:
@@ -516,8 +517,11 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, help="square model input in pixels (default: transform.image_size)")
     p.add_argument("--no-cache", action="store_true", help="rerun every step even when a cached result matches")
     p.add_argument("--force", action="store_true", help="train even when no span is newer than the serving model's")
+    p.add_argument("--demo", action="store_true",
+                   help="train on the built-in demo data (generated under <root>/data if missing); "
+                        "a plain `segpipe run` naming no data does the same")
     p.add_argument("--demo-size", type=int, default=1000,
-                   help="images in the demo span generated when no data is configured (default: %(default)s)")
+                   help="images in the demo span when it is generated (default: %(default)s)")
     add_config_options(p)
     p.set_defaults(handler=_run_pipeline_cmd)
 

@@ -31,7 +31,7 @@ from segpipe.components.core.errors import (
 from segpipe.components.example_gen import resolve_spans
 from segpipe.pipeline import console
 from segpipe.pipeline import metadata as md
-from segpipe.pipeline.config import SegpipeConfig, is_absolute_path, with_overrides
+from segpipe.pipeline.config import SegpipeConfig, load_config, with_overrides
 from segpipe.pipeline.pipeline import (
     SERVING_INFO_FILE,
     Node,
@@ -50,7 +50,6 @@ ARTIFACTS_DIR = "artifacts"
 RESULT_FILE = "result.json"
 ROOT_LOCK = ".segpipe.lock"
 SERVING_MODEL_TYPE = "ServingModel"
-DEMO_NUM_IMAGES = 1000
 
 
 @dataclass
@@ -299,13 +298,27 @@ def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
                    f"was trained on spans {trained}")
 
 
-def ensure_demo_data(cfg: SegpipeConfig, num: int = DEMO_NUM_IMAGES) -> str | None:
-    """Generate the demo dataset under `<root>/data` when the default data root holds no span.
+def data_source_given(cfg: SegpipeConfig) -> bool:
+    """Did the user name any data (`--data`, `data.root` or `data.input_pattern` in any layer)?"""
+    default = load_config().data
+    return bool(cfg.data.root) or cfg.data.input_pattern != default.input_pattern
 
-    A configured data root or an absolute input pattern (e.g. `segpipe run --data`) is user data.
+
+def ensure_demo_data(cfg: SegpipeConfig, *, asked: bool, num: int) -> str | None:
+    """Generate the built-in demo dataset under `<root>/data`, but only when the user asked for it.
+
+    Asked means `segpipe run --demo`, or a plain `segpipe run` that names no data at all on a root
+    whose data folder holds no span yet. Whenever the user names data (a pattern or a data root),
+    segpipe reads exactly that: a pattern that matches nothing fails (exit 2, naming the resolved
+    path) instead of training on synthetic images.
     """
+    if data_source_given(cfg):
+        if asked:
+            raise BadInputError("--demo trains on the built-in demo data under <root>/data; it cannot be combined "
+                                f"with your data ({cfg.input_pattern}): drop --demo or the data settings")
+        return None
     data_root = Path(cfg.data_root)
-    if cfg.data.root or is_absolute_path(cfg.data.input_pattern) or any(data_root.glob("span-*")):
+    if any(data_root.glob("span-*")):
         return None
     from segpipe.components.tools.demo_data import write_demo_data
 
