@@ -27,6 +27,7 @@ from segpipe.components.core.serving import (
     SERVING_INFO_FILE,
     list_version_numbers,
     read_serving_info,
+    taken_version_numbers,
 )
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ LOCK_FILE = ".segpipe-push.lock"
 TMP_PREFIX = ".push-tmp-"
 TRASH_PREFIX = ".pruned-"
 PUSH_RESULT_FILE = "pushed_model.json"
+ROLLBACK_KEY = "rollback"  # in a rollback version's segpipe.json: what it withdrew
 
 
 # ------------------------------------------------------------------ reading the serving dir
@@ -83,7 +85,7 @@ def write_version(
     root = Path(serving_dir)
     with artifacts.file_lock(root / LOCK_FILE):
         remove_stale_temp_dirs(root)
-        existing = list_version_numbers(root)
+        existing = taken_version_numbers(root)  # above any numeric folder, complete or not
         version = (existing[-1] + 1) if existing else 1
         final = root / str(version)
         # Refuses an existing version folder: only a writer ignoring the lock could cause one.
@@ -154,7 +156,11 @@ def push_model(
     """
     blessing = read_blessing(blessing_uri)
     result: dict[str, Any] = {"pushed": False, "version": None, "path": None}
-    if blessing["blessed"]:
+    withdrawn = withdrawn_models(serving_dir).get(str(model_uri)) if blessing["blessed"] else None
+    if withdrawn:
+        result["withdrawn"] = withdrawn
+        log.warning("model %s not pushed: %s", model_uri, withdrawn)
+    elif blessing["blessed"]:
         source = Path(model_uri) / artifacts.SAVED_MODEL_DIR
         if not (source / SAVED_MODEL_PB).is_file():
             raise BadInputError(f"{source}: no SavedModel ({SAVED_MODEL_PB}) to push")
@@ -188,29 +194,55 @@ def push_model(
         parameters={"serving_dir": str(serving_dir), "keep_last": keep_last},
         inputs=(model_uri, blessing_uri, evaluation_uri),
     ) as (tmp_dir, meta):
-        record = {**result, "serving_dir": str(serving_dir), "reasons": blessing.get("reasons", [])}
+        reasons = [*blessing.get("reasons", []), *([withdrawn] if withdrawn else [])]
+        record = {**result, "serving_dir": str(serving_dir), "reasons": reasons}
         (tmp_dir / PUSH_RESULT_FILE).write_text(json.dumps(record, indent=2))
         meta["extra"].update(record)
     return result
 
 
 def rollback(serving_dir: str | os.PathLike, version: int) -> dict:
-    """Re-push version `version` as a new highest version, so version numbers stay monotonic."""
+    """Re-push version `version` as a new highest version, so version numbers stay monotonic.
+
+    The new version's segpipe.json records the rollback: the versions it withdrew (every version
+    above `version`) and their source models, which the Pusher refuses to push again
+    (`withdrawn_models`). The rolled-back model becomes the latest version, so the next run uses it
+    as its baseline and warm start.
+    """
     source = Path(serving_dir) / str(version)
     if not (source / SAVED_MODEL_PB).is_file():
         available = ", ".join(map(str, list_version_numbers(serving_dir))) or "none"
         raise BadInputError(f"{source}: no such version (available: {available})")
     info = read_serving_info(source)
+    withdrawn = [v for v in list_version_numbers(serving_dir) if v > version]
+    models = sorted({str(m) for v in withdrawn if (m := read_serving_info(Path(serving_dir) / str(v)).get("source_model"))}
+                    - {str(info.get("source_model"))})
+    record_of_rollback = {"to_version": version, "withdrawn_versions": withdrawn, "withdrawn_models": models,
+                          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def fill(tmp: Path, new_version: int) -> None:
         copy_tree(source, tmp)
         record = {
-            **info,
+            **{k: v for k, v in info.items() if k != ROLLBACK_KEY},
             "version": new_version,
             "rolled_back_from": version,
-            "pushed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            ROLLBACK_KEY: record_of_rollback,
+            "pushed_at": record_of_rollback["at"],
         }
         (tmp / SERVING_INFO_FILE).write_text(json.dumps(record, indent=2, default=str))
 
     new_version, final = write_version(serving_dir, fill, keep_last=0)  # a rollback never prunes
-    return {"pushed": True, "version": new_version, "path": str(final), "rolled_back_from": version}
+    log.info("version %d serves version %d's model; withdrawn: versions %s", new_version, version, withdrawn)
+    return {"pushed": True, "version": new_version, "path": str(final), "rolled_back_from": version,
+            "source_model": info.get("source_model"), **{k: record_of_rollback[k] for k in ("withdrawn_versions", "withdrawn_models")}}
+
+
+def withdrawn_models(serving_dir: str | os.PathLike) -> dict[str, str]:
+    """Source models a rollback withdrew, each with the reason the Pusher gives for not pushing it."""
+    withdrawn: dict[str, str] = {}
+    for entry in list_versions(serving_dir):
+        rolled = entry["info"].get(ROLLBACK_KEY) or {}
+        for model in rolled.get("withdrawn_models") or []:
+            withdrawn[str(model)] = (f"this model was withdrawn by the rollback to version {rolled.get('to_version')} "
+                                     f"(serving version {entry['version']})")
+    return withdrawn

@@ -129,8 +129,16 @@ def _fmt_metric(value: object) -> str:
 def _run_serving_rollback(args: argparse.Namespace) -> int:
     from segpipe.components.pusher import rollback
 
-    result = rollback(_serving_dir_from_args(args), args.version)
-    print(f"version {result['version']} now serves the model of version {args.version} ({result['path']})")
+    from segpipe.pipeline.local_runner import record_rollback
+
+    serving_dir = _serving_dir_from_args(args)
+    result = rollback(serving_dir, args.version)
+    cfg = config_from_args(args)
+    if Path(serving_dir).resolve() == Path(cfg.serving_dir).resolve():  # this root's ML Metadata knows it
+        record_rollback(cfg, result)
+    withdrawn = ", ".join(map(str, result["withdrawn_versions"])) or "none"
+    print(f"version {result['version']} now serves the model of version {args.version} ({result['path']}); "
+          f"withdrawn: {withdrawn} (their models will not be pushed again)")
     return EXIT_OK
 
 

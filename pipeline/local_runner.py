@@ -29,6 +29,7 @@ from segpipe.components.core.errors import (
     SegpipeError,
 )
 from segpipe.components.example_gen import resolve_spans
+from segpipe.components.pusher import list_versions
 from segpipe.pipeline import console
 from segpipe.pipeline import metadata as md
 from segpipe.pipeline.config import SegpipeConfig, load_config, with_overrides
@@ -39,7 +40,6 @@ from segpipe.pipeline.pipeline import (
     artifact_name,
     create_pipeline,
     execute_node,
-    latest_blessed_info,
     scratch_dir,
     trained_spans,
 )
@@ -284,18 +284,23 @@ def summarize(result: Any) -> str:
 
 
 def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
-    """Is there a span newer than the ones the latest blessed model was trained on?"""
-    info = latest_blessed_info(cfg.serving_dir)
-    if info is None:
+    """Is there a span newer than every span a serving version was trained on?
+
+    Every version counts, not only the latest: after `segpipe serving rollback`, the latest version
+    is an older model, and the data the withdrawn versions were trained on is not new.
+    """
+    versions = list_versions(cfg.serving_dir)
+    if not versions:
         return True, "no model pushed yet"
-    trained = trained_spans(info)
-    if not trained:
-        return True, "the serving model does not record its spans"
+    newest = {entry["version"]: max(spans) for entry in versions if (spans := trained_spans(entry["info"]))}
+    if not newest:
+        return True, "the serving versions do not record their spans"
+    seen = max(newest.values())
     spans = resolve_spans(cfg.input_pattern, cfg.data.span, cfg.data.num_spans)
-    if max(spans) > max(trained):
-        return True, f"span {max(spans)} is newer than span {max(trained)} of version {info.get('version')}"
-    return False, (f"no new data: latest span {max(spans)}; serving version {info.get('version')} "
-                   f"was trained on spans {trained}")
+    if max(spans) > seen:
+        return True, f"span {max(spans)} is newer than span {seen}, the newest any serving version was trained on"
+    by = max(version for version, span in newest.items() if span == seen)
+    return False, f"no new data: latest span {max(spans)}; serving version {by} was already trained on span {seen}"
 
 
 def data_source_given(cfg: SegpipeConfig) -> bool:
@@ -324,6 +329,27 @@ def ensure_demo_data(cfg: SegpipeConfig, *, asked: bool, num: int) -> str | None
 
     written = write_demo_data(data_root, num=num, span=1, progress=False)
     return written["path"]
+
+
+def record_rollback(cfg: SegpipeConfig, result: Mapping[str, Any]) -> str:
+    """Record `segpipe serving rollback` in ML Metadata: a run of one `rollback` execution from the
+    source version to the new one, listed by `segpipe runs` and followed by `segpipe lineage`."""
+    run_id = time.strftime("rollback-%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+    meta = md.Metadata.from_config(cfg)
+    meta.start_run(cfg.pipeline_name, run_id, {"root": str(Path(cfg.root).resolve()), "command": "serving rollback"})
+    source = str((Path(cfg.serving_dir) / str(result["rolled_back_from"])).resolve())
+    meta.record_execution(
+        pipeline_name=cfg.pipeline_name, run_id=run_id, node="rollback", state=md.COMPLETE,
+        properties={key: result[key] for key in ("rolled_back_from", "withdrawn_versions", "withdrawn_models")},
+        inputs=[md.ArtifactRef("source_version", source, SERVING_MODEL_TYPE, {"version": result["rolled_back_from"]})],
+        outputs=[md.ArtifactRef("serving_version", str(Path(result["path"]).resolve()), SERVING_MODEL_TYPE,
+                                {"version": result["version"]})],
+    )
+    meta.update_run(run_id, status="rolled_back", exit_code=EXIT_OK, version=result["version"],
+                    serving_path=result["path"], finished=time.time(), duration=0.0,
+                    message=f"version {result['version']} serves version {result['rolled_back_from']}'s model; "
+                            f"withdrawn: {result['withdrawn_versions']}")
+    return run_id
 
 
 def absolute_root(cfg: SegpipeConfig) -> SegpipeConfig:
@@ -393,6 +419,9 @@ def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
         run.status, run.exit_code = "pushed", EXIT_OK
         run.pushed_version, run.pushed_path = push.get("version"), push.get("path")
         run.message = f"pushed version {run.pushed_version} to {run.pushed_path}"
+    elif isinstance(push, Mapping) and push.get("withdrawn"):
+        run.status, run.exit_code = "withdrawn", NotBlessedError.exit_code
+        run.message = f"not pushed: {push['withdrawn']}"
     elif "evaluator" in results:
         run.status, run.exit_code = "not_blessed", NotBlessedError.exit_code
         run.message = "not blessed: " + ("; ".join(run.reasons) or "the gate failed")
