@@ -117,8 +117,9 @@ def test_batch_rejected_by_the_graph_is_retried_one_by_one(
 
 def test_serving_dir_model_and_duplicate_names(tmp_path: Path, rule_models: dict) -> None:
     serving = tmp_path / "serving"
-    shutil.copytree(rule_models["background"] / artifacts.SAVED_MODEL_DIR, serving / "1")
-    shutil.copytree(rule_models["bright"] / artifacts.SAVED_MODEL_DIR, serving / "2")  # the highest wins
+    for version, name in ((1, "background"), (2, "bright")):  # the highest wins
+        shutil.copytree(rule_models[name] / artifacts.SAVED_MODEL_DIR, serving / str(version))
+        (serving / str(version) / "segpipe.json").write_text("{}")  # what makes it a pushed version
     image = bright_rectangle(40, 40, 5)[0]
     first = save(image, tmp_path / "a" / "x.png", "PNG")
     second = save(image, tmp_path / "b" / "x.png", "PNG")

@@ -113,8 +113,9 @@ def test_versions_increase_and_carry_model_and_info(tmp_path: Path, blessed: Pat
 
 def test_version_is_max_plus_one_and_never_overwritten(tmp_path: Path, blessed: Path) -> None:
     serving = tmp_path / "serving"
-    (serving / "7").mkdir(parents=True)
+    (serving / "7" / "variables").mkdir(parents=True)
     (serving / "7" / "saved_model.pb").write_text("old seven")
+    (serving / "7" / SERVING_INFO_FILE).write_text("{}")
     (serving / ".push-tmp-99-deadbeef").mkdir()  # a hidden temp folder is not a version
     result = push(tmp_path, make_model(tmp_path, "m", "new"), blessed, serving, 1)
     assert result["version"] == 8

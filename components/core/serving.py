@@ -123,16 +123,59 @@ def predict_tensor(loaded: Any, images: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------ resolving and loading
 
 
-def list_version_numbers(serving_dir: str | os.PathLike) -> list[int]:
-    """Numeric version folders, ascending; hidden temp folders and files are ignored."""
+VARIABLES_DIR = "variables"
+
+
+def is_version_number(name: str) -> bool:
+    """A version folder name: ASCII digits, written the way the pusher writes it (no leading 0)."""
+    return name.isascii() and name.isdigit() and str(int(name)) == name
+
+
+def is_complete_version(folder: str | os.PathLike) -> bool:
+    """A version the pusher finished: numeric name, saved_model.pb, variables/ and segpipe.json.
+
+    Anything else in a serving dir (a folder someone wrote PNGs into, a half-copied SavedModel) is
+    not a model segpipe pushed, so no resolver picks it.
+    """
+    folder = Path(folder)
+    return (
+        is_version_number(folder.name)
+        and (folder / SAVED_MODEL_PB).is_file()
+        and (folder / VARIABLES_DIR).is_dir()
+        and (folder / SERVING_INFO_FILE).is_file()
+    )
+
+
+def taken_version_numbers(serving_dir: str | os.PathLike) -> list[int]:
+    """Every numeric folder name, complete version or not, ascending: a new version goes above them
+    all (TensorFlow Serving loads the highest number, and an existing folder is never replaced)."""
     root = Path(serving_dir)
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit())
+
+
+def list_version_numbers(serving_dir: str | os.PathLike) -> list[int]:
+    """The complete pushed versions (`is_complete_version`), ascending; anything else is ignored."""
+    root = Path(serving_dir)
+    if not root.is_dir():
+        return []
+    versions, ignored = [], []
+    for entry in root.iterdir():
+        if entry.is_dir() and is_version_number(entry.name):
+            (versions if is_complete_version(entry) else ignored).append(entry)
+    for entry in ignored:
+        log.warning("%s: not a complete pushed version (%s); ignored", entry, _missing_parts(entry))
+    return sorted(int(p.name) for p in versions)
+
+
+def _missing_parts(folder: Path) -> str:
+    wanted = ((SAVED_MODEL_PB, Path.is_file), (VARIABLES_DIR + "/", Path.is_dir), (SERVING_INFO_FILE, Path.is_file))
+    return "no " + ", no ".join(name for name, test in wanted if not test(folder / name.rstrip("/")))
 
 
 def latest_blessed_model(serving_dir: str | os.PathLike) -> str | None:
-    """The highest version folder (only blessed models are ever pushed), or None."""
+    """The highest complete version folder (only blessed models are ever pushed), or None."""
     versions = list_version_numbers(serving_dir)
     return str(Path(serving_dir) / str(versions[-1])) if versions else None
 
@@ -148,11 +191,14 @@ def resolve_saved_model(path: str | os.PathLike) -> Path:
     if (path / SAVED_MODEL_PB).is_file():
         return path
     latest = latest_blessed_model(path)
-    if latest is not None and (Path(latest) / SAVED_MODEL_PB).is_file():
+    if latest is not None:
         return Path(latest)
+    incomplete = [str(n) for n in taken_version_numbers(path)]
+    detail = (f" (numeric folder(s) {', '.join(incomplete)} are not complete pushed versions: each needs "
+              f"{SAVED_MODEL_PB}, {VARIABLES_DIR}/ and {SERVING_INFO_FILE})") if incomplete else ""
     raise BadInputError(
         f"{path}: not a SavedModel folder, a Model artifact (with {artifacts.SAVED_MODEL_DIR}/) "
-        "or a serving directory with numeric version folders"
+        f"or a serving directory with pushed versions{detail}"
     )
 
 
