@@ -70,6 +70,7 @@ class RunResult:
     steps: list[StepResult] = field(default_factory=list)
     blessed: bool | None = None
     reasons: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # what to try next when not blessed
     metrics: dict[str, Any] = field(default_factory=dict)
     pushed_version: int | None = None
     pushed_path: str | None = None
@@ -235,7 +236,8 @@ class LocalRunner:
     def _condition_holds(self, node: Node) -> bool:
         if node.when is None:
             return True
-        result = self.resolved[node.when.node].result
+        source = self.resolved.get(node.when.node)  # None: that step was skipped itself
+        result = source.result if source is not None else None
         return bool(isinstance(result, Mapping) and result.get(node.when.output))
 
     # -------------------------------------------------------------- the whole DAG
@@ -331,6 +333,41 @@ def ensure_demo_data(cfg: SegpipeConfig, *, asked: bool, num: int) -> str | None
     return written["path"]
 
 
+def version_references(info: Mapping[str, Any]) -> list[str]:
+    """Artifact URIs a pushed version's segpipe.json names: its source model, the statistics it is
+    the drift baseline of, and the examples it was trained on."""
+    run_info = info.get("run_info") or {}
+    uris = (info.get("source_model"), run_info.get("statistics_uri"), run_info.get("examples_uri"))
+    return [str(Path(uri).resolve()) for uri in uris if uri]
+
+
+def reconcile_serving(cfg: SegpipeConfig, meta: md.Metadata) -> list[int]:
+    """Record in ML Metadata every live version it does not know (a push killed after its rename).
+
+    The version's segpipe.json is written inside it before the rename, so it always says which
+    model it serves and which run pushed it; the recovered record is a `pusher_recovered` execution
+    of that run from the source model to the version. Returns the versions recovered.
+    """
+    recovered = []
+    for entry in list_versions(cfg.serving_dir):
+        path = str(Path(entry["path"]).resolve())
+        if meta.artifacts_by_uri([path]):
+            continue
+        info = entry["info"]
+        source = info.get("source_model")
+        inputs = [md.ArtifactRef("model_uri", str(Path(source).resolve()), artifacts.MODEL, {})] if source else []
+        meta.record_execution(
+            pipeline_name=cfg.pipeline_name, run_id=str(info.get("run_id") or "unknown-run"), node="pusher_recovered",
+            state=md.COMPLETE, properties={"recovered": True, "version": entry["version"]}, inputs=inputs,
+            outputs=[md.ArtifactRef("serving_version", path, SERVING_MODEL_TYPE, {"version": entry["version"]})],
+        )
+        recovered.append(entry["version"])
+    if recovered:
+        log.warning("recorded serving version(s) %s in ML Metadata: their push was interrupted after the "
+                    "version went live", recovered)
+    return recovered
+
+
 def record_rollback(cfg: SegpipeConfig, result: Mapping[str, Any]) -> str:
     """Record `segpipe serving rollback` in ML Metadata: a run of one `rollback` execution from the
     source version to the new one, listed by `segpipe runs` and followed by `segpipe lineage`."""
@@ -380,6 +417,7 @@ def run_pipeline(
         if log_path:
             progress(f"log: {log_path}")
         started = time.time()
+        reconcile_serving(cfg, runner.metadata)
         runner.metadata.start_run(cfg.pipeline_name, run.run_id, {"root": str(root), "profile": cfg.profile,
                                                                   "config": cfg.as_dict()})
         try:
@@ -414,7 +452,11 @@ def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
     push = results.get("pusher") or {}
     run.blessed = evaluation.get("blessed") if isinstance(evaluation, Mapping) else None
     run.reasons = list(evaluation.get("reasons") or []) if isinstance(evaluation, Mapping) else []
+    run.hints = list(evaluation.get("hints") or []) if isinstance(evaluation, Mapping) else []
     run.metrics = dict(evaluation.get("metrics") or {}) if isinstance(evaluation, Mapping) else {}
+    infra = results.get("infra_validator")
+    if isinstance(infra, Mapping) and not infra.get("blessed"):  # the gate passed; serving it did not
+        run.blessed, run.reasons = False, [f"infra validation: {r}" for r in infra.get("reasons") or []]
     if isinstance(push, Mapping) and push.get("pushed"):
         run.status, run.exit_code = "pushed", EXIT_OK
         run.pushed_version, run.pushed_path = push.get("version"), push.get("path")
@@ -425,6 +467,11 @@ def finish_run(runner: LocalRunner, run: RunResult, started: float) -> None:
     elif "evaluator" in results:
         run.status, run.exit_code = "not_blessed", NotBlessedError.exit_code
         run.message = "not blessed: " + ("; ".join(run.reasons) or "the gate failed")
+        # The blessing's hints, the same text the report shows, as the run's last step lines.
+        if run.hints:
+            runner.progress("what to try next:")
+            for hint in run.hints:
+                runner.progress(f"  - {hint}")
     else:
         run.status, run.exit_code, run.message = "done", EXIT_OK, "all steps finished"
     run.report_path = write_report(runner, run)
@@ -459,6 +506,7 @@ def write_report(runner: LocalRunner, run: RunResult) -> str | None:
             Path(runner.cfg.root) / "reports" / f"{run.run_id}.html",
             evaluation_uri=uri("evaluator", "evaluation_uri"),
             blessing_uri=uri("evaluator", "blessing_uri"),
+            infra_blessing_uri=uri("infra_validator", "infra_blessing_uri"),
             pushed_model_uri=uri("pusher", "pushed_model_uri"),
             statistics_uri=uri("statistics_gen", "statistics_uri"),
             anomalies_uri=uri("example_validator", "anomalies_uri"),
@@ -496,8 +544,6 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
 
     Holds the root lock exclusively, so it waits for running pipelines and none starts meanwhile.
     """
-    from segpipe.components.core.serving import list_version_numbers
-
     cfg = absolute_root(cfg)
     root = Path(cfg.root)
     with artifacts.file_lock(root / ROOT_LOCK, exclusive=True):
@@ -505,8 +551,12 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
         keep_ids: set[int] = set()
         for run in meta.list_runs()[:keep]:
             keep_ids |= meta.run_artifact_ids(run["run_id"])
-        versions = [str((Path(cfg.serving_dir) / str(v)).resolve()) for v in list_version_numbers(cfg.serving_dir)]
-        keep_ids |= meta.upstream_ids([a.id for a in meta.artifacts_by_uri(versions)])
+        reconcile_serving(cfg, meta)
+        live = list_versions(cfg.serving_dir)
+        versions = [str(Path(entry["path"]).resolve()) for entry in live]
+        # What a live version's segpipe.json names stays even if ML Metadata lost the link.
+        named = [uri for entry in live for uri in version_references(entry["info"])]
+        keep_ids |= meta.upstream_ids([a.id for a in meta.artifacts_by_uri([*versions, *named])])
         keep_ids |= meta.upstream_ids(sorted(keep_ids))
         keep_ids = meta.with_sibling_outputs(keep_ids)
         artifacts_root = root / ARTIFACTS_DIR
