@@ -12,13 +12,15 @@ import contextlib
 import json
 import logging
 import os
+import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from segpipe.components.core import artifacts
-from segpipe.components.core.errors import BadInputError
+from segpipe.components.core.errors import EXIT_FAILURE, BadInputError
 from segpipe.pipeline.config import SegpipeConfig
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ EXECUTION_PREFIX = "segpipe."
 
 # Execution states as ML Metadata names them.
 RUNNING, COMPLETE, FAILED, CACHED, CANCELED = "RUNNING", "COMPLETE", "FAILED", "CACHED", "CANCELED"
+RUN_RUNNING, RUN_FAILED = "running", "failed"  # run statuses (the context's `status` property)
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,9 @@ def _set_props(message: Any, properties: Mapping[str, Any]) -> None:
             _to_value(value, message.custom_properties[key])
 
 
+OPEN_RETRIES = 10  # opening an empty MySQL store while another process creates its schema
+
+
 class Metadata:
     """segpipe's view of an ML Metadata store."""
 
@@ -100,9 +106,28 @@ class Metadata:
         from ml_metadata.metadata_store import metadata_store
 
         self._lock_path = lock_path
-        with self._locked():
-            self.store = metadata_store.MetadataStore(connection)
+        self._connection = connection
+        try:
+            with self._locked():
+                self.store = self._open(metadata_store, connection)
+        except BadInputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ml_metadata raises RuntimeError or its own StatusErrors
+            raise BadInputError(_open_error(connection, exc)) from None
         self._type_ids: dict[tuple[str, str], int] = {}
+
+    @staticmethod
+    def _open(metadata_store: Any, connection: Any) -> Any:
+        """Open the store; two processes creating the schema of an empty MySQL database at once make
+        ML Metadata see half of it ("a subset of tables ... Please retry"): retry, as it says."""
+        for attempt in range(OPEN_RETRIES):
+            try:
+                return metadata_store.MetadataStore(connection)
+            except Exception as exc:  # noqa: BLE001 - ml_metadata raises its own StatusErrors
+                if "subset of tables" not in str(exc) or attempt == OPEN_RETRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     @classmethod
     def from_config(cls, cfg: SegpipeConfig) -> Metadata:
@@ -111,12 +136,21 @@ class Metadata:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """SQLite has no busy timeout in ML Metadata: concurrent runs take turns via flock."""
-        if self._lock_path is None:
-            yield
-            return
-        with artifacts.file_lock(self._lock_path):
-            yield
+        """SQLite has no busy timeout in ML Metadata: concurrent runs take turns via flock.
+
+        Every store call runs inside; a damaged or full database file becomes one BadInputError
+        naming it (any other store error is a segpipe bug and keeps its traceback).
+        """
+        try:
+            if self._lock_path is None:
+                yield
+                return
+            with artifacts.file_lock(self._lock_path):
+                yield
+        except Exception as exc:  # noqa: BLE001 - RuntimeError or an ml_metadata StatusError
+            if not any(sign in str(exc) for sign in _DAMAGED_STORE):
+                raise
+            raise BadInputError(_open_error(self._connection, exc)) from None
 
     # -------------------------------------------------------------- types and contexts
 
@@ -141,11 +175,16 @@ class Metadata:
         return context
 
     def start_run(self, pipeline_name: str, run_id: str, properties: Mapping[str, Any]) -> None:
-        """Create the run's context (a child of the pipeline's) with status `running`."""
+        """Create the run's context (a child of the pipeline's) with status `running`.
+
+        The run records the process running it (host, pid, the pid's start time), so a run whose
+        process was killed without a word (SIGKILL, a lost machine) is recognised later (`list_runs`).
+        """
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": process_start_time(os.getpid())}
         with self._locked():
             pipeline = self._context(PIPELINE_CONTEXT, pipeline_name)
-            run = self._context(RUN_CONTEXT, run_id, {"pipeline": pipeline_name, "status": "running",
-                                                       "started": time.time(), **properties})
+            run = self._context(RUN_CONTEXT, run_id, {"pipeline": pipeline_name, "status": RUN_RUNNING,
+                                                       "started": time.time(), **owner, **properties})
             self.store.put_parent_contexts([_parent(pipeline.id, run.id)])
 
     def update_run(self, run_id: str, **properties: Any) -> None:
@@ -216,10 +255,22 @@ class Metadata:
     # -------------------------------------------------------------- queries
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """Every run, newest first, with its properties (status, metrics, blessing, version)."""
+        """Every run, newest first, with its properties (status, metrics, blessing, version).
+
+        A run still `running` whose process on this host is gone is marked `failed` first: it was
+        killed before it could record an outcome. Runs of other hosts (a shared MySQL store) are
+        left as they are; only their own host can tell.
+        """
         with self._locked():
             contexts = self.store.get_contexts_by_type(RUN_CONTEXT)
-        runs = [{"run_id": c.name, "context_id": c.id, **_props(c)} for c in contexts]
+            runs = [{"run_id": c.name, "context_id": c.id, **_props(c)} for c in contexts]
+            for run in runs:
+                if run.get("status") == RUN_RUNNING and run_process_gone(run):
+                    lost = {"status": RUN_FAILED, "exit_code": EXIT_FAILURE,
+                            "message": f"process {run['pid']} on {run['host']} ended without recording an outcome "
+                                       "(killed?)"}
+                    self._context(RUN_CONTEXT, run["run_id"], lost)
+                    run.update(lost)
         return sorted(runs, key=lambda r: r.get("started", 0.0), reverse=True)
 
     def run_executions(self, run_id: str) -> list[dict[str, Any]]:
@@ -349,6 +400,54 @@ class Metadata:
                 artifact.state = pb.Artifact.DELETED
             if artifacts:
                 self.store.put_artifacts(list(artifacts))
+
+
+# SQLite's words for a file it cannot use, whatever query hit it first.
+_DAMAGED_STORE = ("file is not a database", "database disk image is malformed", "disk I/O error",
+                  "database or disk is full", "unable to open database file")
+
+
+def _open_error(connection: Any, exc: BaseException) -> str:
+    """One line naming the store that cannot be used and what to do about it."""
+    # MLMD's message is "Error when executing query: <SQLite's error> query: <the whole SQL>".
+    found = re.search(r"query:\s*(.*?)\s+query:", str(exc), re.S)
+    reason = found.group(1) if found else (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+    if connection.HasField("sqlite"):
+        path = connection.sqlite.filename_uri
+        if "disk is full" in reason:
+            return f"{path}: no space left to write the ML Metadata store ({reason})"
+        return (f"{path}: not a usable ML Metadata SQLite database ({reason}); move the file aside to start "
+                "a new store (the run history in it is lost), or set metadata.sqlite_path")
+    return f"ML Metadata MySQL store {connection.mysql.host}:{connection.mysql.port} cannot be opened ({reason})"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown.
+
+    With the pid it identifies one process: a pid reused by a later process has another start time.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has already ended
+
+
+def run_process_gone(run: Mapping[str, Any]) -> bool:
+    """True when the run's recorded process (on this host) no longer runs."""
+    pid, host = run.get("pid"), run.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False  # recorded by an older segpipe, or on another machine
+    started = run.get("pid_started")
+    if isinstance(started, int) and Path("/proc/self/stat").is_file():
+        return process_start_time(pid) != started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _event(event_type: int, key: str) -> Any:
