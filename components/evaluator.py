@@ -1,16 +1,24 @@
-"""Evaluator: exact metrics of the served model on the raw `test` split, and the blessing gate.
+"""Evaluator: exact metrics of the served model on the raw `test` split, the blessing gate, and hints.
 
 The raw test examples go through the exported `serving_default` signature (PNG/JPEG bytes in,
-`class_mask` out), so what is measured is exactly what TensorFlow Serving will answer, transform
-included. True masks are resized to the model's S x S with nearest neighbour, the rule Transform
-uses for training masks. Inference runs on Beam with `RunInference` and a small ModelHandler that
-loads the SavedModel once per worker (Beam's TFModelHandlerTensor loads Keras models, not a
-SavedModel signature taking strings). Per-example confusion matrices are summed with a
-CombineGlobally, so every metric is exact over all pixels (see components/seg_metrics.py); per-
-example IoU ranks the worst (and best) examples.
+`probabilities` out), so what is measured is exactly what TensorFlow Serving will answer, transform
+included. Each prediction is scored at its mask's own size, the way `segpipe predict` returns it:
+the S x S probabilities resized bilinearly to the example's height and width, then the class rule
+(core/serving.py `class_mask_at_size`), against the original mask (255 ignored). These native
+metrics are the ones the gate reads. The same metrics at the model's S x S input (true masks
+resized nearest neighbour, Transform's rule for training masks) are kept under
+`model_resolution`: the gap between the two is what the resize costs.
+
+Inference runs on Beam with `RunInference` and a small ModelHandler that loads the SavedModel once
+per worker (Beam's TFModelHandlerTensor loads Keras models, not a SavedModel signature taking
+strings). Per-example confusion matrices are summed with a CombineGlobally, so every metric is
+exact over all pixels (see core/metrics.py); per-example IoU ranks the worst (and best) examples.
 
 When a baseline model is given (the latest blessed model), it is evaluated on the same records in
 the same Beam pipeline, and the gate checks the candidate does not regress beyond `max_regression`.
+A refused model comes with hints (the blessing's `hints`): its weakest class, whether training
+was still improving when it stopped (from the ModelRun's history, when given), and whether the
+resize to S x S loses too much.
 """
 from __future__ import annotations
 
@@ -35,6 +43,12 @@ PER_EXAMPLE_FILE = "per_example_iou.jsonl"
 NUM_GRID_EXAMPLES = 4  # best and worst rows each in the prediction grid
 INFERENCE_BATCH_SIZE = 16
 REGRESSION_TOLERANCE = 1e-12  # float slack so "exactly max_regression worse" passes
+# A native mean IoU this much below the model-resolution one means the resize to S x S costs more
+# than training on can win back: the hint suggests a larger transform.image_size.
+RESOLUTION_GAP = 0.05
+CLASS_NAMES = "class_names"  # metrics.json: labels.json's name per class id (None where it has none)
+HINTS = "hints"  # blessing.json and metrics.json: what to try next for a refused model
+NATIVE, MODEL_SIZE = 0, 1  # the two confusion matrices of every score, stacked
 SCALARS = seg_metrics.SCALAR_METRICS
 
 
@@ -57,16 +71,51 @@ def decide_blessing(
     pixel_accuracy_threshold: float,
     min_foreground_iou: float,
     max_regression: float,
+    min_class_iou: float | None,
 ) -> tuple[bool, list[str]]:
     """(blessed, reasons it is not): absolute thresholds (equal passes) and the baseline rule."""
     return verdict(gate_checks(metrics, baseline, pixel_accuracy_threshold=pixel_accuracy_threshold,
-                               min_foreground_iou=min_foreground_iou, max_regression=max_regression))
+                               min_foreground_iou=min_foreground_iou, max_regression=max_regression,
+                               min_class_iou=min_class_iou))
 
 
 def verdict(checks: list[dict[str, Any]]) -> tuple[bool, list[str]]:
     """(blessed, the failed checks' reasons)."""
     reasons = [check["reason"] for check in checks if not check["passed"]]
     return not reasons, reasons
+
+
+def class_label(k: int, names: Sequence[str | None]) -> str:
+    """`class 2 'tumour'` with a name from labels.json, else `class 2`."""
+    name = names[k] if k < len(names) else None
+    return f"class {k} '{name}'" if name else f"class {k}"
+
+
+def class_checks(metrics: dict[str, Any], min_class_iou: float) -> list[dict[str, Any]]:
+    """IoU_k >= min_class_iou for every foreground class k; a class never predicted is named as such.
+
+    A class in neither the truth nor the prediction has no IoU: it is recorded, and passes, because
+    the test split cannot show anything about it (the other checks still apply). min_class_iou 0
+    lets every class pass, one never predicted included.
+    """
+    ious = metrics.get(seg_metrics.IOU_PER_CLASS) or []
+    names = metrics.get(CLASS_NAMES) or []
+    cm = metrics.get(seg_metrics.CONFUSION_MATRIX)
+    collapsed = set(seg_metrics.never_predicted(np.asarray(cm))) if cm is not None else set()
+    checks = []
+    for k in range(1, len(ious)):
+        label, value = class_label(k, names), ious[k]
+        name = f"{label} IoU >= minimum"
+        if k in collapsed and min_class_iou > 0:
+            reason = f"{label} is never predicted"
+        elif value is None:
+            reason, name = "", f"{name} (not in the test split)"
+        else:
+            shown, limit = _pair(value, min_class_iou)
+            reason = f"{label} IoU {shown} < minimum {limit}" if value < min_class_iou else ""
+        checks.append({"name": name, "metric": seg_metrics.IOU_PER_CLASS, "class": k, "value": value,
+                       "bound": min_class_iou, "passed": not reason, "reason": reason})
+    return checks
 
 
 def gate_checks(
@@ -76,10 +125,12 @@ def gate_checks(
     pixel_accuracy_threshold: float,
     min_foreground_iou: float,
     max_regression: float,
+    min_class_iou: float | None,
 ) -> list[dict[str, Any]]:
     """Every check of the gate, passed or not: {name, metric, value, bound, passed, reason}.
 
     The blessing stores them all, so the report shows the whole gate and not only its failures.
+    `min_class_iou` None leaves out the per-class checks (artifacts from before they existed).
     """
     checks = []
     minimums = ((seg_metrics.PIXEL_ACCURACY, "pixel accuracy", pixel_accuracy_threshold, "threshold"),
@@ -93,6 +144,8 @@ def gate_checks(
             reason = f"{name} {shown} < {word} {limit}" if value < bound else ""
         checks.append({"name": f"{name} >= {word}", "metric": key, "value": value, "bound": bound,
                        "passed": not reason, "reason": reason})
+    if min_class_iou is not None:
+        checks.extend(class_checks(metrics, min_class_iou))
     for key, name, _, _ in minimums if baseline is not None else ():
         value, base = metrics.get(key), baseline.get(key)
         if value is None or base is None:
@@ -107,11 +160,121 @@ def gate_checks(
     return checks
 
 
+# ------------------------------------------------------------------ what to try next
+
+
+def refusal_hints(metrics: dict[str, Any], history: Sequence[dict[str, float]], train_config: dict[str, Any]) -> list[str]:
+    """What a refused model's numbers suggest trying next, most specific first.
+
+    - the weakest foreground class present in the test split (its IoU and pixel count);
+    - under-training: the metric the trainer selects its checkpoint on was best at the last epoch,
+      so more epochs would likely still help;
+    - resolution: native mean IoU more than RESOLUTION_GAP below the model-resolution one.
+    `history` is the ModelRun's per-epoch rows and `train_config` the train settings it recorded
+    (empty when there is no ModelRun, as for `segpipe evaluate`).
+    """
+    hints = (weakest_class_hint(metrics, train_config), training_hint(history, train_config), resolution_hint(metrics))
+    return [hint for hint in hints if hint]
+
+
+def weakest_class_hint(metrics: dict[str, Any], train_config: dict[str, Any]) -> str:
+    cm = metrics.get(seg_metrics.CONFUSION_MATRIX)
+    ious = metrics.get(seg_metrics.IOU_PER_CLASS) or []
+    if cm is None:
+        return ""
+    cm = np.asarray(cm, dtype=np.int64)
+    pixels = seg_metrics.true_pixels(cm)
+    present = [(ious[k], k) for k in range(1, len(ious)) if ious[k] is not None and pixels[k] > 0]
+    if not present:
+        return ""
+    iou, k = min(present)
+    never = " and is never predicted" if k in seg_metrics.never_predicted(cm) else ""
+    hint = (f"weakest class: {class_label(k, metrics.get(CLASS_NAMES) or [])} has IoU {iou:.3f} on "
+            f"{int(pixels[k]):,} test pixels ({pixels[k] / cm.sum():.1%} of the labelled pixels){never}: "
+            "add training examples that show it")
+    # Runs recorded before class weights existed trained without them.
+    if train_config.get("loss") == "bce" and train_config.get("class_weights", "none") == "none":
+        hint += "; train.loss=dice_bce weighs every class's overlap equally, where bce weighs pixels"
+    return hint
+
+
+def training_hint(history: Sequence[dict[str, float]], train_config: dict[str, Any]) -> str:
+    # The trainer keeps the checkpoint that is best on `monitor` (runs that did not record one: val_loss).
+    monitor = str(train_config.get("monitor", "val_loss"))
+    sign = -1.0 if monitor.endswith("loss") else 1.0  # larger `sign * value` is better
+    values = [(int(row["epoch"]) + 1, sign * row[monitor]) for row in history if monitor in row]
+    if len(values) < 2 or values[-1][1] <= max(value for _, value in values[:-1]):
+        return ""
+    epochs = values[-1][0]
+    return (f"training was still improving when it stopped: {monitor} {sign * values[-2][1]:.4f} -> "
+            f"{sign * values[-1][1]:.4f} in the last of {epochs} epochs, the best so far: "
+            f"train longer (e.g. train.epochs={2 * epochs})")
+
+
+def resolution_hint(metrics: dict[str, Any]) -> str:
+    native = metrics.get(seg_metrics.MEAN_IOU)
+    small = (metrics.get(seg_metrics.MODEL_RESOLUTION) or {}).get(seg_metrics.MEAN_IOU)
+    if native is None or small is None or small - native <= RESOLUTION_GAP:
+        return ""
+    size = int(metrics["image_size"])
+    return (f"resolution: mean IoU at each mask's own size is {native:.3f}, {small - native:.3f} below the "
+            f"{small:.3f} at the model's {size} x {size} input, so detail is lost in the resize: "
+            f"try a larger transform.image_size (e.g. {2 * size})")
+
+
+def read_training(model_run_uri: str | None) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """(per-epoch history, train settings) of a ModelRun artifact; ([], {}) without one."""
+    from segpipe.components.trainer import HISTORY_FILE, read_history
+
+    if not model_run_uri or not artifacts.is_published(model_run_uri):
+        return [], {}
+    info = artifacts.read_info(model_run_uri)
+    return read_history(Path(model_run_uri) / HISTORY_FILE), dict(info.parameters.get("train_config") or {})
+
+
+# ------------------------------------------------------------------ class names
+
+
+def find_labels(files: Sequence[str]) -> Path | None:
+    """The labels.json of the data the test files come from, or None.
+
+    Raw span files (`<data root>/span-<n>/...`) have it in their folder or the one above; split
+    files of an Examples artifact lead to the raw files its metadata records.
+    """
+    from segpipe.components.core.data_format import LABELS_FILE
+
+    sources = list(files[:1])
+    artifact = Path(files[0]).parent.parent if files else None
+    if artifact is not None and artifacts.is_published(artifact):
+        info = artifacts.read_info(artifact)
+        if info.type == artifacts.EXAMPLES:
+            sources = list(info.extra.get("files") or [])[:1]
+    for source in sources:
+        for folder in (Path(source).parent, Path(source).parent.parent):
+            if (folder / LABELS_FILE).is_file():
+                return folder / LABELS_FILE
+    return None
+
+
+def class_names(files: Sequence[str], num_classes: int) -> list[str | None]:
+    """labels.json's name for each class id 0..K-1 (None where it has none, or there is no file)."""
+    from segpipe.components.core.data_format import read_labels
+
+    path = find_labels(files)
+    labels: dict[int, str] = {}
+    if path is not None:
+        try:
+            labels = read_labels(path.parent)
+        except BadInputError as exc:  # names only make messages friendlier; ids still say it all
+            log.warning("class names: %s", exc)
+    return [labels.get(k) for k in range(num_classes)]
+
+
 # ------------------------------------------------------------------ Beam pieces
 
 
 def make_model_handler(saved_model_dir: str, batch_size: int = INFERENCE_BATCH_SIZE) -> Any:
-    """A RunInference ModelHandler: encoded image bytes -> PredictionResult(bytes, class_mask)."""
+    """A RunInference ModelHandler: encoded image bytes -> PredictionResult(bytes, probabilities S x S x C)."""
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
     class ServingSignatureHandler(ModelHandler):
@@ -129,8 +292,8 @@ def make_model_handler(saved_model_dir: str, batch_size: int = INFERENCE_BATCH_S
         def run_inference(self, batch: Sequence[bytes], model: Any, inference_args: dict | None = None) -> Iterable[Any]:
             from segpipe.components.core import serving
 
-            masks = serving.predict_bytes(model, list(batch))[serving.CLASS_MASK]
-            return [PredictionResult(example, mask.astype(np.uint8)) for example, mask in zip(batch, masks)]
+            probabilities = serving.predict_bytes(model, list(batch))[serving.PROBABILITIES].astype(np.float32)
+            return [PredictionResult(example, probs) for example, probs in zip(batch, probabilities)]
 
         def get_num_bytes(self, batch: Sequence[bytes]) -> int:
             return sum(len(item) for item in batch)
@@ -150,33 +313,47 @@ def parse_test_record(record: bytes) -> tuple[str, bytes, bytes]:
         raise BadInputError(f"test record: {exc}") from None
 
 
-def resize_mask(mask_png: bytes, size: int, example_id: str) -> np.ndarray:
-    """Decode a mask PNG and resize it to size x size with nearest neighbour (255 stays 255)."""
-    from PIL import Image
-
+def decode_mask(mask_png: bytes, example_id: str) -> np.ndarray:
+    """The mask at its own size (H x W class ids, 255 = ignore)."""
     from segpipe.components.core.data_format import decode_image
 
     mask = decode_image(mask_png)
     if mask.ndim != 2:
         raise BadInputError(f"test example {example_id}: mask must have one channel, has shape {mask.shape}")
-    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((size, size), Image.NEAREST))
+    return mask.astype(np.uint8)
+
+
+def resize_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    """size x size with nearest neighbour (255 stays 255): the model-resolution truth."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
 
 
 def score_example(keyed_result: tuple[tuple[str, bytes, bytes], Any], size: int, num_classes: int) -> dict[str, Any]:
-    """Confusion matrix and IoU of one example (plus what the grid needs to draw it)."""
+    """Confusion matrices of one example, stacked [native, model size]; native IoU; grid material.
+
+    Native: the probabilities resized to the mask's own size, as `segpipe predict` answers.
+    """
+    from segpipe.components.core.data_format import encode_png
+    from segpipe.components.core.serving import class_mask_at_size
+
     (example_id, image_bytes, mask_bytes), result = keyed_result
-    truth = resize_mask(mask_bytes, size, example_id)
+    truth = decode_mask(mask_bytes, example_id)
+    native = class_mask_at_size(result.inference, *truth.shape)
     try:
-        cm = seg_metrics.confusion_matrix(truth, result.inference, num_classes)
+        cm = np.stack([seg_metrics.confusion_matrix(truth, native, num_classes),
+                       seg_metrics.confusion_matrix(resize_nearest(truth, size),
+                                                    class_mask_at_size(result.inference, size, size), num_classes)])
     except ValueError as exc:
         raise BadInputError(f"test example {example_id}: {exc}") from None
     return {
         "id": example_id,
         "cm": cm,
-        "iou": seg_metrics.example_iou(cm),
+        "iou": seg_metrics.example_iou(cm[NATIVE]),
         "image": image_bytes,
-        "truth": truth,
-        "pred": result.inference,
+        "mask": mask_bytes,
+        "pred": encode_png(native),
     }
 
 
@@ -312,14 +489,17 @@ def describe_model(name: str, uri: str, num_classes: int) -> ModelUnderTest:
 
 
 def summarize_model(model: ModelUnderTest, result: dict[str, Any], num_classes: int, num_worst: int) -> dict[str, Any]:
-    cm = result["cm"] if result["cm"] is not None else np.zeros((num_classes, num_classes), np.int64)
+    """Native metrics at the top level, the same set at the model's input size under `model_resolution`."""
+    cm = result["cm"] if result["cm"] is not None else np.zeros((2, num_classes, num_classes), np.int64)
     summary = {"model": model.saved_model_dir, "image_size": model.image_size, "num_examples": int(result["count"])}
-    summary.update(seg_metrics.summarize(cm))
+    summary.update(seg_metrics.summarize(cm[NATIVE]))
+    summary[seg_metrics.MODEL_RESOLUTION] = seg_metrics.summarize(cm[MODEL_SIZE])
     summary["worst_examples"] = [{"id": i, "iou": iou} for iou, i, _ in result["worst"][:num_worst]]
     return summary
 
 
 def grid_rows(result: dict[str, Any]) -> list[Any]:
+    """Best and worst examples at their own size: the input, its mask, the native prediction."""
     from PIL import Image
 
     from segpipe.components.core.data_format import decode_image
@@ -331,10 +511,9 @@ def grid_rows(result: dict[str, Any]) -> list[Any]:
     best = [t for t in result["best"] if t[1] not in worst_ids][:NUM_GRID_EXAMPLES]
     for label, items in (("best", best), ("worst", worst)):
         for rank, (iou, example_id, score) in enumerate(items, 1):
-            size = score["truth"].shape[0]
-            image = Image.fromarray(decode_image(score["image"])).convert("RGB").resize((size, size), Image.BILINEAR)
-            rows.append(GridRow(f"{label} {rank}: {example_id} (IoU {iou:.3f})", np.asarray(image),
-                                score["truth"], score["pred"]))
+            image = np.asarray(Image.fromarray(decode_image(score["image"])).convert("RGB"))
+            rows.append(GridRow(f"{label} {rank}: {example_id} (IoU {iou:.3f})", image,
+                                decode_image(score["mask"]), decode_image(score["pred"])))
     return rows
 
 
@@ -348,12 +527,18 @@ def evaluate_files(
     num_classes: int,
     pixel_accuracy_threshold: float,
     min_foreground_iou: float,
+    min_class_iou: float,
     max_regression: float,
     num_worst_examples: int,
     beam_args: list[str],
+    model_run_uri: str | None = None,
     inputs: tuple[str | None, ...] = (),
 ) -> dict:
-    """Evaluate raw example files (see module docstring); publishes ModelEvaluation and ModelBlessing."""
+    """Evaluate raw example files (see module docstring); publishes ModelEvaluation and ModelBlessing.
+
+    `model_run_uri` (the trainer's ModelRun, optional: `segpipe evaluate` has none) lets a refusal
+    say whether training was still improving.
+    """
     from segpipe.components.core.visual import GRID_FILE, plot_prediction_grid
 
     if not files:
@@ -364,12 +549,14 @@ def evaluate_files(
     gate = {
         "pixel_accuracy_threshold": pixel_accuracy_threshold,
         "min_foreground_iou": min_foreground_iou,
+        "min_class_iou": min_class_iou,
         "max_regression": max_regression,
     }
     parameters = {**gate, "num_classes": num_classes, "num_worst_examples": num_worst_examples, "beam_args": beam_args}
     num_keep = max(num_worst_examples, NUM_GRID_EXAMPLES)
-    with artifacts.publish(evaluation_uri, artifacts.MODEL_EVALUATION, producer="evaluator",
-                           parameters=parameters, inputs=(model_uri, baseline_model_uri, *inputs)) as (out, info):
+    names = class_names(files, num_classes)
+    with artifacts.publish(evaluation_uri, artifacts.MODEL_EVALUATION, producer="evaluator", parameters=parameters,
+                           inputs=(model_uri, baseline_model_uri, model_run_uri, *inputs)) as (out, info):
         scratch = out / ".beam"
         scratch.mkdir()
         raw = run_evaluation_pipeline(files, {m.name: (m.saved_model_dir, m.image_size) for m in models},
@@ -380,28 +567,35 @@ def evaluate_files(
         metrics = summaries[CANDIDATE]
         if metrics["num_examples"] == 0:
             raise BadInputError(f"test split has no records ({', '.join(files[:3])})")
+        metrics[CLASS_NAMES] = names
         baseline = summaries.get(BASELINE)
         checks = gate_checks(metrics, baseline, **gate)
         blessed, reasons = verdict(checks)
+        hints = [] if blessed else refusal_hints(metrics, *read_training(model_run_uri))
         plot_prediction_grid(grid_rows(raw[CANDIDATE]), out / GRID_FILE,
                              title=f"test IoU: best and worst of {metrics['num_examples']}")
-        metrics.update(num_classes=num_classes, baseline=baseline, gate=gate, blessed=blessed, reasons=reasons, checks=checks,
+        metrics.update(num_classes=num_classes, baseline=baseline, gate=gate, blessed=blessed, reasons=reasons,
+                       checks=checks, hints=hints,
                        best_examples=[{"id": i, "iou": iou} for iou, i, _ in raw[CANDIDATE]["best"][:num_worst_examples]],
                        grid=GRID_FILE, per_example=PER_EXAMPLE_FILE)
         (out / artifacts.EVALUATION_FILE).write_text(json.dumps(metrics, indent=2))
-        info["counts"] = {"examples": metrics["num_examples"], "pixels": metrics["num_pixels"]}
+        info["counts"] = {"examples": metrics["num_examples"], "pixels": metrics[seg_metrics.NUM_PIXELS]}
         info["extra"].update(blessed=blessed, **{k: metrics[k] for k in SCALARS})
-    publish_blessing(blessing_uri, {"blessed": blessed, "reasons": reasons, "checks": checks, "model": model_uri,
-                                    "baseline_model": baseline_model_uri}, evaluation_uri, parameters)
+    publish_blessing(blessing_uri, {"blessed": blessed, "reasons": reasons, "checks": checks, HINTS: hints,
+                                    "model": model_uri, "baseline_model": baseline_model_uri}, evaluation_uri, parameters)
     log.info("evaluation: %s -> %s%s", {k: metrics[k] for k in SCALARS},
              "blessed" if blessed else "NOT blessed: ", "; ".join(reasons))
-    return {"blessed": blessed, "reasons": reasons, "metrics": {k: metrics[k] for k in (*SCALARS, seg_metrics.NUM_EXAMPLES)}}
+    for hint in hints:
+        log.info("to try next: %s", hint)
+    return {"blessed": blessed, "reasons": reasons, HINTS: hints,
+            "metrics": {k: metrics[k] for k in (*SCALARS, seg_metrics.NUM_EXAMPLES)}}
 
 
 def publish_blessing(blessing_uri: str, record: dict[str, Any], evaluation_uri: str, parameters: dict[str, Any]) -> None:
     """The ModelBlessing artifact: what the Pusher (and Kubeflow's condition) reads.
 
-    `record`: blessed, reasons, checks (every gate check, passed or not), model, baseline_model.
+    `record`: blessed, reasons, checks (every gate check, passed or not), hints (what to try next
+    when not blessed), model, baseline_model.
     """
     with artifacts.publish(blessing_uri, artifacts.MODEL_BLESSING, producer="evaluator",
                            parameters=parameters, inputs=(evaluation_uri,)) as (out, info):
@@ -416,16 +610,18 @@ def evaluate_model(
     blessing_uri: str,
     *,
     baseline_model_uri: str | None,
+    model_run_uri: str | None,
     num_classes: int,
     pixel_accuracy_threshold: float,
     min_foreground_iou: float,
+    min_class_iou: float,
     max_regression: float,
     num_worst_examples: int,
     beam_args: list[str],
 ) -> dict:
     """The Evaluator component: the Examples artifact's `test` split through `evaluate_files`.
 
-    Returns {"blessed": bool, "reasons": [...], "metrics": {...}}.
+    Returns {"blessed": bool, "reasons": [...], "hints": [...], "metrics": {...}}.
     """
     files = artifacts.split_files(examples_uri, artifacts.TEST)
     if not files:
@@ -434,6 +630,6 @@ def evaluate_model(
         model_uri, files, evaluation_uri, blessing_uri,
         baseline_model_uri=baseline_model_uri, num_classes=num_classes,
         pixel_accuracy_threshold=pixel_accuracy_threshold, min_foreground_iou=min_foreground_iou,
-        max_regression=max_regression, num_worst_examples=num_worst_examples, beam_args=beam_args,
-        inputs=(examples_uri,),
+        min_class_iou=min_class_iou, max_regression=max_regression, num_worst_examples=num_worst_examples,
+        beam_args=beam_args, model_run_uri=model_run_uri, inputs=(examples_uri,),
     )

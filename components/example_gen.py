@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,7 +31,14 @@ from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.beam import beam_pipeline
-from segpipe.components.core.data_format import MissingFeatureError, NotAnExampleError, parse_example, parse_proto
+from segpipe.components.core.data_format import (
+    MissingFeatureError,
+    NotAnExampleError,
+    display_id,
+    open_image,
+    parse_example_raw,
+    parse_proto,
+)
 from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -183,11 +189,9 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes | None, str | None]]:
 
 
 def _open_image(data: bytes, key: str, undecodable: str) -> Any:
-    """A fully decoded PIL image, or the quarantine reason."""
-    from PIL import Image
-
+    """A fully decoded PIL image, or the quarantine reason (also for one above MAX_IMAGE_PIXELS)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)
         img.load()
     except Exception as exc:  # PIL raises many types for corrupt data
         return f"{undecodable}: {key} does not decode ({type(exc).__name__}: {exc})"
@@ -221,15 +225,16 @@ def _check_content(image_bytes: bytes, mask_bytes: bytes, num_classes: int, min_
     return None
 
 
-def check_example(serialized: bytes, *, num_classes: int, min_image_size: int) -> tuple[str | None, str | None]:
-    """`(id, reason)`: reason is None for an example fit for training, else "<kind>: <detail>".
+def check_example(serialized: bytes, *, num_classes: int, min_image_size: int) -> tuple[bytes | None, str | None]:
+    """`(raw id, reason)`: reason is None for an example fit for training, else "<kind>: <detail>".
 
+    The id's raw bytes are its identity (two ids that differ only in invalid UTF-8 stay apart).
     Raises NotAnExampleError when the bytes are not a tf.train.Example at all.
     """
     try:
-        example_id, image, mask = parse_example(serialized)
+        example_id, image, mask = parse_example_raw(serialized)
     except MissingFeatureError as exc:
-        return exc.example_id, f"{MISSING_FEATURE}: {exc}"
+        return exc.raw_id, f"{MISSING_FEATURE}: {exc}"
     return example_id, _check_content(image, mask, num_classes, min_image_size)
 
 
@@ -257,10 +262,12 @@ def split_order(splits: Mapping[str, int]) -> list[tuple[str, int]]:
     return sorted(splits.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0]))
 
 
-def assign_split(example_id: str, splits: Sequence[tuple[str, int]]) -> str:
-    """The split of `example_id`: SHA-256 of the id into sum(weights) buckets (never Python's hash())."""
+def assign_split(example_id: str | bytes, splits: Sequence[tuple[str, int]]) -> str:
+    """The split of `example_id`: SHA-256 of the id's bytes (text: UTF-8) into sum(weights) buckets
+    (never Python's hash())."""
     total = sum(weight for _, weight in splits)
-    bucket = int.from_bytes(hashlib.sha256(example_id.encode("utf-8")).digest()[:8], "big") % total
+    raw = example_id if isinstance(example_id, bytes) else example_id.encode("utf-8")
+    bucket = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") % total
     for name, weight in splits:
         if bucket < weight:
             return name
@@ -294,7 +301,7 @@ def _read_file(
             yield example_id, assign_split(example_id, splits), record, path, index, None
 
 
-def _id_source(kept: tuple) -> list[tuple[str, tuple[str, int]]]:
+def _id_source(kept: tuple) -> list[tuple[bytes, tuple[str, int]]]:
     example_id, _, _, path, index, _ = kept
     return [] if example_id is None else [(example_id, (path, index))]
 
@@ -304,7 +311,7 @@ def _duplicates(item: tuple[str, Any]) -> Iterator[dict[str, Any]]:
     example_id, sources = item
     first, *others = sorted(sources)
     for path, index in others:
-        problem = f"duplicate id {example_id!r} (first seen in {first[0]} record {first[1]})"
+        problem = f"duplicate id {display_id(example_id)!r} (first seen in {first[0]} record {first[1]})"
         yield {"file": path, "record": index, "problem": problem}
 
 

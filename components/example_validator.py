@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from segpipe.components.core import artifacts
+from segpipe.components.core.data_format import display_id
 from segpipe.components.core.errors import BadInputError, DataAnomalyError
 from segpipe.components.schema_gen import load_schema
 from segpipe.components.statistics_gen import DERIVED, DERIVED_FEATURES, RAW, load_stats, stats_path, stats_splits
@@ -145,7 +146,7 @@ def quarantined_examples(examples_uri: str) -> list[tuple[str, str]]:
         features = tf.train.Example.FromString(record).features.feature
         ids = features[artifacts.ID_KEY].bytes_list.value if artifacts.ID_KEY in features else []
         reason = features[artifacts.REASON_KEY].bytes_list.value[0].decode("utf-8", errors="replace")
-        found.append((ids[0].decode("utf-8", errors="replace") if ids else "", reason))
+        found.append((display_id(ids[0]) if ids else "", reason))
     return found
 
 

@@ -93,13 +93,14 @@ def stats_options() -> Any:
 def _decode(features: Any, key: str, mode: str | None) -> Any:
     """The feature's image as a numpy array, or None when it is missing or does not decode."""
     import numpy as np
-    from PIL import Image
+
+    from segpipe.components.core.data_format import open_image
 
     values = features[key].bytes_list.value if key in features else []
     if len(values) != 1:
         return None
     try:
-        with Image.open(io.BytesIO(values[0])) as img:
+        with open_image(values[0]) as img:  # the quarantine split may hold images above the pixel cap
             return np.asarray(img.convert(mode) if mode else img)
     except Exception:  # PIL raises many types for corrupt data; the schema check reports it
         return None

@@ -51,6 +51,8 @@ def cli_path(text: str) -> str:
 
     A URI such as gs://bucket/data is already absolute and passes unchanged.
     """
+    if not text.strip():  # abspath("") would quietly mean the current directory
+        raise argparse.ArgumentTypeError("must not be empty")
     return text if is_absolute_path(text) else os.path.abspath(text)
 
 
@@ -72,10 +74,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> SegpipeConfig:
-    overrides = dict(parse_override(item) for item in args.overrides)
-    if args.root is not None:
-        overrides["root"] = args.root
-    return load_config(args.config, profile=args.profile, overrides=overrides)
+    """The command's configuration, loaded once: `--config <(...)` is a pipe that reads only once."""
+    if getattr(args, "loaded_config", None) is None:
+        overrides = dict(parse_override(item) for item in args.overrides)
+        if args.root is not None:
+            overrides["root"] = args.root
+        args.loaded_config = load_config(args.config, profile=args.profile, overrides=overrides)
+    return args.loaded_config
 
 
 def _run_config_show(args: argparse.Namespace) -> int:
@@ -142,10 +147,31 @@ def _run_serving_rollback(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _owned_folders(cfg: SegpipeConfig) -> list[tuple[str, str]]:
+    """(folder, what it is) for the folders segpipe owns under this configuration: the serving dir,
+    the artifact store and the data spans. No command writes a user's output inside them."""
+    from segpipe.components.core.data_format import list_spans, span_dir
+    from segpipe.pipeline.local_runner import ARTIFACTS_DIR
+
+    folders = [(cfg.serving_dir, "the serving directory"), (str(Path(cfg.root) / ARTIFACTS_DIR), "the artifact store")]
+    folders += [(str(span_dir(cfg.data_root, span)), "a data span") for span in list_spans(cfg.data_root)]
+    return [(folder, what) for folder, what in folders if "://" not in folder]  # local folders only
+
+
+def _refuse_owned_output(out: str | None, cfg: SegpipeConfig) -> None:
+    """BadInputError when a command's --out lies inside a folder segpipe owns (`serving/5` would
+    look like a model version to TensorFlow Serving)."""
+    if out:
+        from segpipe.components.tools.predict import check_output_dir
+
+        check_output_dir(Path(out), (), _owned_folders(cfg))
+
+
 def _run_predict(args: argparse.Namespace) -> int:
     from segpipe.components.tools.predict import predict_images
 
-    result = predict_images(args.model, args.inputs, args.out, batch_size=args.batch_size)
+    result = predict_images(args.model, args.inputs, args.out, batch_size=args.batch_size,
+                            overwrite=args.overwrite, protected=_owned_folders(config_from_args(args)))
     print(f"wrote {len(result['written'])} mask(s) and overlay(s) to {args.out}")
     if result["failed"]:
         for path, reason in result["failed"]:
@@ -180,6 +206,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     files = _evaluation_files(args.data)
+    _refuse_owned_output(args.out, cfg)
     out = Path(args.out or Path(cfg.root) / "evaluate" / time.strftime("%Y%m%d-%H%M%S"))
     # The pipeline's Evaluator node: the same parameters and output folder names as in a run.
     node = nodes_by_name(create_pipeline(cfg))["evaluator"]
@@ -210,8 +237,12 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, type=cli_path, metavar="DIR", help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", type=cli_path, metavar="PATH", help="image files or folders of images")
     p.add_argument("--out", required=True, type=cli_path, metavar="DIR",
-                   help="writes <stem>_mask.png and <stem>_overlay.png")
+                   help="writes <stem>_mask.png and <stem>_overlay.png (never inside a folder segpipe owns, "
+                        "never an input folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files even when segpipe did not write them")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default: %(default)s)")
+    add_config_options(p)
     p.set_defaults(handler=_run_predict)
 
     p = sub.add_parser(
@@ -394,15 +425,21 @@ def _existing_metadata(args: argparse.Namespace):
     from segpipe.pipeline.metadata import Metadata
 
     cfg = config_from_args(args)
+    _require_metadata(cfg)
+    return Metadata.from_config(cfg)
+
+
+def _require_metadata(cfg: SegpipeConfig) -> None:
     if not cfg.metadata.mysql_host and not Path(cfg.sqlite_path).is_file():
         raise BadInputError(f"{cfg.sqlite_path}: no ML Metadata store (no run on this pipeline root yet)")
-    return Metadata.from_config(cfg)
 
 
 def _run_runs_cmd(args: argparse.Namespace) -> int:
     import json
     import time
 
+    if args.limit < 1:
+        raise BadInputError(f"--limit: must be at least 1, got {args.limit}")
     runs = _existing_metadata(args).list_runs()[: args.limit]
     if not runs:
         print("no runs recorded")
@@ -444,7 +481,11 @@ def _run_lineage_cmd(args: argparse.Namespace) -> int:
 def _run_gc_cmd(args: argparse.Namespace) -> int:
     from segpipe.pipeline.local_runner import collect_garbage
 
-    result = collect_garbage(config_from_args(args), keep=args.keep)
+    if args.keep < 0:  # list_runs()[:-1] would keep all but the oldest run
+        raise BadInputError(f"--keep: must be at least 0, got {args.keep}")
+    cfg = config_from_args(args)
+    _require_metadata(cfg)  # gc on a root without runs must not create one
+    result = collect_garbage(cfg, keep=args.keep)
     for path in result.removed:
         print(f"removed {path}")
     print(f"freed {result.freed_bytes} bytes ({result.freed_bytes / 2**20:.1f} MiB) in {len(result.removed)} artifact(s)")
@@ -452,9 +493,22 @@ def _run_gc_cmd(args: argparse.Namespace) -> int:
 
 
 def _run_compile_cmd(args: argparse.Namespace) -> int:
+    from segpipe.components.core.artifacts import temp_sibling
     from segpipe.pipeline.kubeflow import compile_pipeline
 
-    out = compile_pipeline(config_from_args(args), args.out_file, image=args.image)
+    out = Path(args.out_file)
+    if out.is_dir():
+        raise BadInputError(f"--out-file {out}: is a folder; give a file name, e.g. {out / 'pipeline.yaml'}")
+    if out.suffix not in (".yaml", ".yml"):
+        raise BadInputError(f"--out-file {out}: must end in .yaml (Kubeflow Pipelines reads YAML)")
+    cfg = config_from_args(args)
+    tmp = temp_sibling(out)
+    tmp = tmp.with_name(tmp.name + out.suffix)  # kfp picks the format by the suffix
+    try:  # compiled beside the target and renamed: a kill never leaves half a pipeline file
+        compile_pipeline(cfg, str(tmp), image=args.image)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -602,6 +656,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from segpipe.pipeline.pipeline import artifact_name, create_pipeline, nodes_by_name, scratch_dir
 
     cfg = config_from_args(args)
+    _refuse_owned_output(args.out, cfg)
     base_model = args.model
     if base_model and not cfg.train.warm_start:
         raise BadInputError("--model: warm start is off (train.warm_start: false); drop --model or enable it")

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 PROFILES = ("demo", "seed")
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; more is the wrong file (or /dev/zero)
 
 
 class ConfigError(ValueError):
@@ -205,6 +206,8 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{source}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{source}: not a config (collections nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -291,6 +294,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
 
 
 def _check_consistency(cfg: SegpipeConfig) -> None:
+    for name in ("root", "pipeline_name"):  # `--set root=` must not quietly mean the current folder
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"{name}: must not be empty")
     factor = 2 ** cfg.model.depth
     if cfg.transform.image_size % factor:
         raise ConfigError(
@@ -329,11 +335,7 @@ def load_config(
     user: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-        user = _read_yaml(text, str(path))
+        user = _read_yaml(_read_config_text(path), str(path))
     chosen = profile or user.get("profile") or values["profile"]
     if chosen not in PROFILES:
         raise ConfigError(f"profile: {chosen!r} is not one of {', '.join(PROFILES)}")
@@ -345,6 +347,23 @@ def load_config(
     cfg = _build(SegpipeConfig, values)
     _check_consistency(cfg)
     return cfg
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text, read with a size cap; ConfigError naming the file otherwise."""
+    try:
+        if path.is_char_device() or path.is_block_device():
+            raise ConfigError(f"{path}: a device, not a config file")
+        with open(path, "rb") as fh:  # a pipe (--config <(...)) is fine: it ends
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB, not a config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
 def with_overrides(cfg: SegpipeConfig, overrides: Mapping[str, Any]) -> SegpipeConfig:

@@ -154,14 +154,14 @@ def trainer(config: str, transformed_examples: Input[Dataset], transform_graph: 
 
 
 def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseline_model: str,
-              evaluation: Output[Artifact], blessing: Output[Artifact],
+              model_run: Input[Artifact], evaluation: Output[Artifact], blessing: Output[Artifact],
               ) -> NamedTuple("EvaluatorOutputs", [("result", str), ("blessed", bool)]):
     import json
 
     from segpipe.pipeline.kubeflow import run_node
 
     result = run_node("evaluator", config, model=model, examples=examples, baseline_model=baseline_model,
-                      evaluation=evaluation, blessing=blessing)
+                      model_run=model_run, evaluation=evaluation, blessing=blessing)
     return (result, bool(json.loads(result)["blessed"]))
 
 

@@ -166,6 +166,7 @@ def _evaluator_params(cfg: SegpipeConfig) -> dict[str, Any]:
         "num_classes": cfg.data.num_classes,
         "pixel_accuracy_threshold": ev.pixel_accuracy_threshold,
         "min_foreground_iou": ev.min_foreground_iou,
+        "min_class_iou": ev.min_class_iou,
         "max_regression": ev.max_regression,
         "num_worst_examples": ev.num_worst_examples,
         "beam_args": _beam(cfg),
@@ -287,6 +288,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
                 "model_uri": Ref("trainer", "model_uri"),
                 "examples_uri": Ref("example_gen", "examples_uri"),
                 "baseline_model_uri": Ref("latest_model"),
+                "model_run_uri": Ref("trainer", "model_run_uri"),  # its history: was training still improving?
             },
             outputs={"evaluation_uri": artifacts.MODEL_EVALUATION, "blessing_uri": artifacts.MODEL_BLESSING},
         ),

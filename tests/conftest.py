@@ -223,6 +223,7 @@ def tiny_pipeline_overrides() -> Callable[..., dict]:
             "train.early_stopping_patience": 0,
             "evaluation.pixel_accuracy_threshold": 0.0,
             "evaluation.min_foreground_iou": 0.0,
+            "evaluation.min_class_iou": 0.0,
             "evaluation.max_regression": 1.0,
             "evaluation.num_worst_examples": 2,
             **more,

@@ -150,6 +150,7 @@ def test_cli_evaluate_regression_against_baseline_is_not_blessed(
     examples_uri, written = test_split
     serving = tmp_path / "serving"  # --model as a serving dir means its highest version
     shutil.copytree(rule_models["background"] / artifacts.SAVED_MODEL_DIR, serving / "4")
+    (serving / "4" / "segpipe.json").write_text("{}")  # what makes it a pushed version
     pattern = str(artifacts.split_dir(examples_uri, artifacts.TEST) / "*.tfrecord.gz")
     out = tmp_path / "cli"
     argv = ["evaluate", "--model", str(serving), "--data", pattern, "--baseline", str(rule_models["bright"]),

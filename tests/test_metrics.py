@@ -99,3 +99,12 @@ def test_only_ignored_pixels_give_undefined_accuracy() -> None:
 def test_invalid_labels_are_rejected(true: list, pred: list, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sm.confusion_matrix(np.array(true), np.array(pred), 2)
+
+
+def test_pixels_per_class_and_classes_never_predicted() -> None:
+    # Class 1 is predicted once (wrongly); class 2 is in the truth but never predicted; class 3 is absent.
+    cm = sm.confusion_matrix(np.array([0, 0, 1, 2, 2, 255]), np.array([0, 1, 0, 0, 1, 2]), 4)
+    assert sm.true_pixels(cm).tolist() == [2, 1, 2, 0]
+    assert sm.predicted_pixels(cm).tolist() == [3, 2, 0, 0]
+    assert sm.never_predicted(cm) == [2]
+    assert sm.never_predicted(sm.confusion_matrix(np.array([0, 1]), np.array([0, 1]), 2)) == []

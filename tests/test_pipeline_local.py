@@ -270,6 +270,8 @@ def test_segpipe_run_end_to_end_gates_then_pushes_from_cache(tmp_path, write_tin
     assert "[1/10] example_gen          done" in captured.out
     assert f"{'pusher':<20} skipped" in captured.out
     assert "not blessed" in captured.err
+    # The blessing's hints, class names from the data's labels.json, end the run's step lines.
+    assert "what to try next:\n" in captured.out and "  - weakest class: class 1 'class1' has IoU" in captured.out
     assert not (root / "serving").exists() or not any((root / "serving").iterdir())
 
     # The default gate: every step up to the trainer comes from the cache; only the gate reruns.

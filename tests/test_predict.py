@@ -46,7 +46,7 @@ def image_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def reference_mask(model_uri: Path, path: Path) -> np.ndarray:
-    """The signature called directly on the RGB PNG of the file, upsampled nearest to the original size."""
+    """The signature called directly on the RGB PNG of the file, its probabilities at the original size."""
     from segpipe.components.core import serving
 
     rgb = Image.open(path).convert("RGB")
@@ -54,8 +54,12 @@ def reference_mask(model_uri: Path, path: Path) -> np.ndarray:
     rgb.save(buf, format="PNG")
     data = path.read_bytes() if path.suffix in (".png", ".jpg") and Image.open(path).mode == "RGB" else buf.getvalue()
     loaded = serving.load_serving_model(model_uri / artifacts.SAVED_MODEL_DIR)
-    small = serving.predict_bytes(loaded, [data])[serving.CLASS_MASK][0].astype(np.uint8)
-    return np.asarray(Image.fromarray(small).resize(rgb.size, Image.NEAREST))
+    outputs = serving.predict_bytes(loaded, [data])
+    full = serving.class_mask_at_size(outputs[serving.PROBABILITIES][0], rgb.height, rgb.width)
+    # Bilinear probabilities move borders by less than a model pixel: nearest of class_mask agrees almost everywhere.
+    nearest = np.asarray(Image.fromarray(outputs[serving.CLASS_MASK][0].astype(np.uint8)).resize(rgb.size, Image.NEAREST))
+    assert (full == nearest).mean() > 0.9
+    return full
 
 
 def test_masks_and_overlays_at_original_size(tmp_path: Path, rule_models: dict, image_files: dict) -> None:
@@ -102,14 +106,14 @@ def test_batch_rejected_by_the_graph_is_retried_one_by_one(
     tmp_path: Path, rule_models: dict, image_files: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     poison = image_files["png"].read_bytes()
-    real = predict.predict_class_masks
+    real = predict.predict_probabilities
 
     def refuse_poison(model, encoded):
         if poison in encoded:
             raise ValueError("InvalidArgumentError: cannot decode")
         return real(model, encoded)
 
-    monkeypatch.setattr(predict, "predict_class_masks", refuse_poison)
+    monkeypatch.setattr(predict, "predict_probabilities", refuse_poison)
     result = predict.predict_images(rule_models["bright"], [tmp_path / "in"], tmp_path / "out", batch_size=8)
     assert result["failed"] == [(str(image_files["png"]), "the serving signature could not decode this image")]
     assert len(result["written"]) == 4

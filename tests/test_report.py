@@ -20,7 +20,7 @@ from segpipe.components.core import artifacts
 from segpipe.components.core.data_format import write_labels
 from segpipe.components.core import visual
 from segpipe.components.core.visual import IGNORE_COLOUR, PALETTE, mask_to_rgb
-from segpipe.components.evaluator import gate_checks, verdict
+from segpipe.components.evaluator import gate_checks, refusal_hints, verdict
 from segpipe.components.example_gen import SKIPPED_FILE
 from segpipe.components.pusher import PUSH_RESULT_FILE
 from segpipe.components.tools import report
@@ -182,8 +182,8 @@ def write_model_run(uri: Path) -> Path:
     return uri
 
 
-REJECTING_GATE = {"pixel_accuracy_threshold": 0.9, "min_foreground_iou": 0.5, "max_regression": 0.01}
-PASSING_GATE = {"pixel_accuracy_threshold": 0.8, "min_foreground_iou": 0.5, "max_regression": 0.1}
+REJECTING_GATE = {"pixel_accuracy_threshold": 0.9, "min_foreground_iou": 0.5, "min_class_iou": 0.3, "max_regression": 0.01}
+PASSING_GATE = {"pixel_accuracy_threshold": 0.8, "min_foreground_iou": 0.5, "min_class_iou": 0.3, "max_regression": 0.1}
 
 
 def write_artifacts(root: Path, blessed: bool, record_checks: bool = True) -> dict[str, Path]:
@@ -197,7 +197,8 @@ def write_artifacts(root: Path, blessed: bool, record_checks: bool = True) -> di
     checks = gate_checks(METRICS, METRICS["baseline"], **gate)
     ok, reasons = verdict(checks)
     assert ok == blessed
-    recorded = {"checks": checks} if record_checks else {}
+    hints = [] if blessed else refusal_hints(METRICS, HISTORY, {"loss": "bce"})
+    recorded = {"checks": checks, "hints": hints} if record_checks else {}
     with artifacts.publish(evaluation, artifacts.MODEL_EVALUATION, producer="evaluator") as (tmp, _):
         (tmp / artifacts.EVALUATION_FILE).write_text(json.dumps({**METRICS, "gate": gate, **recorded}))
         visual.plot_prediction_grid(grid_rows(2), tmp / visual.GRID_FILE)
@@ -237,18 +238,24 @@ GATE_TABLE = [
     ["Check", "Value", "Threshold", "Result"],
     ["pixel accuracy >= threshold", "0.8123", "≥ 0.9000", "FAIL"],
     ["foreground IoU >= minimum", "0.6100", "≥ 0.5000", "pass"],
+    ["class 1 IoU >= minimum", "0.6100", "≥ 0.3000", "pass"],
+    ["class 2 IoU >= minimum (not in the test split)", "–", "≥ 0.3000", "pass"],
     ["pixel accuracy regression vs baseline", "0.8123", "≥ 0.8900", "FAIL"],
     ["foreground IoU regression vs baseline", "0.6100", "≥ 0.5900", "pass"],
 ]
 
 
 def test_gate_lists_every_check_with_value_threshold_and_result(rejected) -> None:
-    _, parsed, _ = rejected
+    _, parsed, uris = rejected
     gate = section(parsed, report.GATE)
     assert gate["tables"][0] == GATE_TABLE
     assert "pixel accuracy 0.812 < threshold 0.900" in gate["text"]  # the blessing's reasons, verbatim
     assert "is 0.088 below the baseline's 0.900" in gate["text"]
     assert "baseline model /serving/3 (max regression 0.0100)" in gate["text"]
+    # What to try next: the blessing's hints, verbatim (weakest class, then the still-falling eval loss).
+    hints = json.loads((uris["blessing_uri"] / artifacts.BLESSING_FILE).read_text())["hints"]
+    assert [h.split(":")[0] for h in hints] == ["weakest class", "training was still improving when it stopped"]
+    assert "What to try next:" in gate["text"] and all(h in gate["text"] for h in hints)
 
 
 def test_gate_of_artifacts_without_recorded_checks_is_recomputed_by_the_evaluator(tmp_path: Path) -> None:
@@ -256,6 +263,12 @@ def test_gate_of_artifacts_without_recorded_checks_is_recomputed_by_the_evaluato
     assert "checks" not in json.loads((uris["blessing_uri"] / artifacts.BLESSING_FILE).read_text())
     path = report.write_run_report(tmp_path / "r.html", **uris)
     assert section(parse(path), report.GATE)["tables"][0] == GATE_TABLE
+    # A gate from before per-class checks existed (no min_class_iou) gets no per-class rows.
+    metrics = json.loads((uris["evaluation_uri"] / artifacts.EVALUATION_FILE).read_text())
+    metrics["gate"].pop("min_class_iou")
+    (uris["evaluation_uri"] / artifacts.EVALUATION_FILE).write_text(json.dumps(metrics))
+    path = report.write_run_report(tmp_path / "old.html", **uris)
+    assert section(parse(path), report.GATE)["tables"][0] == [row for row in GATE_TABLE if not row[0].startswith("class")]
 
 
 def test_metrics_against_the_baseline(rejected) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,6 +24,12 @@ LABELS_FILE = "labels.json"
 # Image files segpipe reads from folders (predict, importers); PIL decodes all of them.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPAN_DIR = "span-{span}"
+# The largest image (width x height) any decoder segpipe calls accepts. A decompression bomb (a few
+# KB of PNG declaring 50000 x 50000 pixels) is refused from its header, before a byte is decoded.
+MAX_IMAGE_PIXELS = 100_000_000
+# The largest image file read from disk: an uncompressed RGBA image at the pixel cap. Bounds what a
+# reader loads into memory before PIL sees the header (a 10 GB file named .png, /dev/zero).
+MAX_IMAGE_FILE_BYTES = 4 * MAX_IMAGE_PIXELS
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -31,9 +39,65 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class ImageTooLargeError(ValueError):
+    """An image declares more than MAX_IMAGE_PIXELS pixels (checked before decoding)."""
+
+
+def _too_large(pixels: int, size: str = "") -> str:
+    return (f"{size}{pixels / 1e6:.0f} MP is above the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} MP "
+            "(a decompression bomb or an unusually large image)")
+
+
+def check_image_size(width: int, height: int) -> None:
+    """ImageTooLargeError when width x height is above MAX_IMAGE_PIXELS."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(_too_large(width * height, f"{width}x{height} = "))
+
+
+def open_image(data: bytes) -> Image.Image:
+    """A lazily decoded PIL image whose size passed `check_image_size` (only the header is read).
+
+    Every PIL decode in segpipe starts here. PIL's own guard reads the process-wide
+    `Image.MAX_IMAGE_PIXELS` and only warns below twice that; here it is set to segpipe's cap (so
+    any PIL call in the process agrees), its warning is an error, and the size is checked again
+    explicitly whatever that global says.
+    """
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            found = re.search(r"\((\d+) pixels\)", str(exc))  # "Image size (N pixels) exceeds limit ..."
+            raise ImageTooLargeError(_too_large(int(found.group(1))) if found else str(exc)) from None
+    check_image_size(img.width, img.height)
+    return img
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file; ImageTooLargeError above MAX_IMAGE_FILE_BYTES.
+
+    Only regular files are read: a device or FIFO (/dev/zero, a named pipe) would never end.
+    Raises FileNotFoundError, or ValueError naming what the path is instead.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    if not path.is_file():
+        raise ValueError("not a regular file")
+    with open(path, "rb") as fh:
+        data = fh.read(MAX_IMAGE_FILE_BYTES + 1)
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise ImageTooLargeError(f"file larger than {MAX_IMAGE_FILE_BYTES / 1e6:.0f} MB")
+    return data
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG bytes with PIL, keeping its mode (RGB -> HxWx3, L -> HxW)."""
-    with Image.open(io.BytesIO(data)) as img:
+    """Decode PNG/JPEG bytes with PIL, keeping its mode (RGB -> HxWx3, L -> HxW).
+
+    Raises ImageTooLargeError (a ValueError) above MAX_IMAGE_PIXELS.
+    """
+    with open_image(data) as img:
         img.load()
         return np.asarray(img)
 
@@ -61,20 +125,37 @@ class NotAnExampleError(ValueError):
     """The bytes are not a tf.train.Example at all (a bad record, not a bad example)."""
 
 
+def display_id(raw_id: bytes) -> str:
+    """An id's bytes as text: UTF-8, each invalid byte shown as `\\xNN`.
+
+    Never U+FFFD: replacing would show two different ids as the same one. The raw bytes stay the
+    id's identity (duplicates, splits); this text is only for messages and reports.
+    """
+    return raw_id.decode("utf-8", errors="backslashreplace")
+
+
 class MissingFeatureError(ValueError):
     """A required feature is missing or is not exactly one bytes value.
 
-    `example_id` is the example's id when that much could be read (None when the id is the problem).
+    `raw_id` is the example's id when that much could be read (None when the id is the problem);
+    `example_id` is its `display_id`.
     """
 
-    def __init__(self, message: str, example_id: str | None) -> None:
+    def __init__(self, message: str, raw_id: bytes | None) -> None:
         super().__init__(message)
-        self.example_id = example_id
+        self.raw_id = raw_id
+        self.example_id = None if raw_id is None else display_id(raw_id)
 
 
 def parse_proto(serialized: bytes) -> Any:
-    """The `tf.train.Example` message; NotAnExampleError when the bytes are not one."""
+    """The `tf.train.Example` message; NotAnExampleError when the bytes are not one.
+
+    A record with fields an Example does not have is refused rather than parsed with those fields
+    dropped: a `tf.train.SequenceExample` parses as an Example (its context becomes the features)
+    and would silently lose its `feature_lists`.
+    """
     from google.protobuf.message import DecodeError
+    from google.protobuf.unknown_fields import UnknownFieldSet
     from tensorflow.core.example import example_pb2
 
     example = example_pb2.Example()
@@ -82,29 +163,42 @@ def parse_proto(serialized: bytes) -> Any:
         example.ParseFromString(serialized)
     except DecodeError as exc:
         raise NotAnExampleError(f"not a tf.train.Example ({exc})") from None
+    unknown = sorted({field.field_number for field in UnknownFieldSet(example)})
+    if unknown:
+        hint = " (a tf.train.SequenceExample? field 2 is its feature_lists)" if 2 in unknown else ""
+        raise NotAnExampleError(
+            f"not a tf.train.Example: it has field(s) {', '.join(map(str, unknown))} an Example does not have{hint}"
+        )
     if not example.features.feature:
         raise NotAnExampleError("not a tf.train.Example (no features)")
     return example
 
 
-def _single_bytes(example: Any, key: str, example_id: str | None) -> bytes:
+def _single_bytes(example: Any, key: str, raw_id: bytes | None) -> bytes:
     features = example.features.feature
     if key not in features:
-        raise MissingFeatureError(f"missing feature '{key}'", example_id)
+        raise MissingFeatureError(f"missing feature '{key}'", raw_id)
     values = features[key].bytes_list.value
     if len(values) != 1:
-        raise MissingFeatureError(f"feature '{key}' must hold exactly one bytes value, has {len(values)}", example_id)
+        raise MissingFeatureError(f"feature '{key}' must hold exactly one bytes value, has {len(values)}", raw_id)
     return values[0]
 
 
-def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
-    """(id, image bytes, mask bytes): the one parser of the raw format (ExampleGen, Evaluator, tests).
+def parse_example_raw(serialized: bytes) -> tuple[bytes, bytes, bytes]:
+    """(id bytes, image bytes, mask bytes): the one parser of the raw format.
 
+    The id's raw bytes are its identity; `parse_example` gives the id as text for display.
     Raises NotAnExampleError or MissingFeatureError (both ValueError) naming what is wrong.
     """
     example = parse_proto(serialized)
-    example_id = _single_bytes(example, ID_KEY, None).decode("utf-8", errors="replace")
-    return example_id, _single_bytes(example, IMAGE_KEY, example_id), _single_bytes(example, MASK_KEY, example_id)
+    raw_id = _single_bytes(example, ID_KEY, None)
+    return raw_id, _single_bytes(example, IMAGE_KEY, raw_id), _single_bytes(example, MASK_KEY, raw_id)
+
+
+def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
+    """(id as `display_id` text, image bytes, mask bytes) (Evaluator, tools, tests)."""
+    raw_id, image, mask = parse_example_raw(serialized)
+    return display_id(raw_id), image, mask
 
 
 def span_dir(data_root: str | os.PathLike, span: int) -> Path:

@@ -29,7 +29,12 @@ IOU_PER_CLASS = "iou_per_class"
 DICE_PER_CLASS = "dice_per_class"
 CONFUSION_MATRIX = "confusion_matrix"
 NUM_EXAMPLES = "num_examples"
+NUM_PIXELS = "num_pixels"
 SCALAR_METRICS = (PIXEL_ACCURACY, ALL_BACKGROUND_ACCURACY, MEAN_IOU, FOREGROUND_IOU, DICE)
+# The evaluation's top-level metrics are measured at each mask's own size; the same set measured at
+# the model's S x S input sits under this key (the gap between the two is what resizing costs).
+MODEL_RESOLUTION = "model_resolution"
+
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """K x K int64 counts (rows = true class, columns = predicted class); 255 in `y_true` is skipped.
@@ -84,6 +89,26 @@ def dice_per_class(cm: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
 
 
+def true_pixels(cm: np.ndarray) -> np.ndarray:
+    """sum_p C[k, p]: labelled pixels of each class k."""
+    return np.asarray(cm).sum(axis=1)
+
+
+def predicted_pixels(cm: np.ndarray) -> np.ndarray:
+    """sum_t C[t, k]: pixels predicted as each class k."""
+    return np.asarray(cm).sum(axis=0)
+
+
+def never_predicted(cm: np.ndarray) -> list[int]:
+    """Classes present in the truth that the model never predicts: the clearest per-class failure.
+
+    Their IoU is 0 like any bad class's, but the fix differs (the model has collapsed the class
+    into others), so the gate names them separately.
+    """
+    return [k for k, (true, predicted) in enumerate(zip(true_pixels(cm), predicted_pixels(cm)))
+            if true > 0 and predicted == 0]
+
+
 def _nanmean(values: np.ndarray) -> float:
     defined = values[~np.isnan(values)]
     return float(defined.mean()) if defined.size else math.nan
@@ -129,6 +154,6 @@ def summarize(cm: np.ndarray) -> dict[str, Any]:
         DICE: _json_float(dice(cm)),
         IOU_PER_CLASS: [_json_float(v) for v in iou_per_class(cm)],
         DICE_PER_CLASS: [_json_float(v) for v in dice_per_class(cm)],
-        "num_pixels": int(cm.sum()),
+        NUM_PIXELS: int(cm.sum()),
         CONFUSION_MATRIX: cm.tolist(),
     }

@@ -221,7 +221,11 @@ class ServingModel:
 def load_serving(path: str | os.PathLike) -> ServingModel:
     """Load a SavedModel / Model artifact / serving dir (its latest) and check the serving contract."""
     saved_model = resolve_saved_model(path)
-    loaded = load_serving_model(saved_model)
+    try:
+        loaded = load_serving_model(saved_model)
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises OSError, DecodeError, NotFoundError, ...
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BadInputError(f"{saved_model}: not a loadable SavedModel ({reason})") from None
     signature = loaded.signatures.get(SERVING_BYTES)
     if signature is None:
         raise BadInputError(f"{saved_model}: no '{SERVING_BYTES}' signature")

@@ -18,7 +18,6 @@ whose real path lies outside the input folder (`..` or symlinks); two files with
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -35,9 +34,12 @@ from segpipe.components.core.artifacts import IGNORE_LABEL
 from segpipe.components.core.data_format import (
     IMAGE_SUFFIXES,
     LABELS_FILE,
+    ImageTooLargeError,
     encode_example,
     encode_png,
     next_span,
+    open_image,
+    read_image_file,
     span_dir,
     write_labels,
     write_span,
@@ -160,18 +162,22 @@ def _skip(report: ImportReport, error: SkipInput) -> None:
 def _open(path: Path) -> tuple[bytes, Image.Image, str | None]:
     """(file bytes, fully decoded PIL image, PNG raw mode); SkipInput when unreadable or truncated."""
     try:
-        data = path.read_bytes()
+        data = read_image_file(path)
     except OSError as exc:
         raise SkipInput(path, "unreadable file", str(exc.strerror or exc)) from None
+    except ImageTooLargeError as exc:
+        raise SkipInput(path, "image too large", str(exc)) from None
+    except ValueError as exc:
+        raise SkipInput(path, "unreadable file", str(exc)) from None
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data)  # refuses more than MAX_IMAGE_PIXELS before decoding
         raw_mode = img.tile[0].args if img.format == "PNG" and img.tile else None
         img.load()
         if img.format == "PNG" and b"IEND" not in data[-1024:]:
             raise OSError("PNG ends before its IEND chunk")
     except UnidentifiedImageError:
         raise SkipInput(path, "not an image", "unknown format") from None
-    except Image.DecompressionBombError as exc:
+    except ImageTooLargeError as exc:
         raise SkipInput(path, "image too large", str(exc)) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise SkipInput(path, "truncated or corrupt image", str(exc)) from None

@@ -188,11 +188,13 @@ def gate_checks(metrics: Mapping[str, Any], blessing: Mapping[str, Any]) -> list
     """Every check of the gate, passed or not, as the blessing (or metrics.json) records them.
 
     Artifacts written before the checks were recorded get them recomputed by the Evaluator's own
-    `gate_checks` from the gate parameters in metrics.json, so the rule is never restated here.
+    `gate_checks` from the gate parameters in metrics.json, so the rule is never restated here
+    (without per-class checks when the gate recorded no `min_class_iou`: it had none then).
     """
     recorded = blessing.get("checks", metrics.get("checks"))
     if recorded is None and metrics.get("gate"):
-        recorded = evaluator.gate_checks(dict(metrics), metrics.get("baseline"), **metrics["gate"])
+        gate = {"min_class_iou": None, **metrics["gate"]}
+        recorded = evaluator.gate_checks(dict(metrics), metrics.get("baseline"), **gate)
     return [GateCheck(str(c["name"]), _fmt(c["value"]), f"≥ {_fmt(c['bound'])}", bool(c["passed"]))
             for c in recorded or []]
 
@@ -206,16 +208,21 @@ def verdict_badge(blessing: Mapping[str, Any]) -> str:
 def gate_section(metrics: Mapping[str, Any], blessing: Mapping[str, Any]) -> str:
     rows = [[_esc(c.name), c.value, c.threshold, _result(c.passed)] for c in gate_checks(metrics, blessing)]
     reasons = "".join(f"<li>{_esc(r)}</li>" for r in blessing.get("reasons") or [])
+    hints = "".join(f"<li>{_esc(h)}</li>" for h in blessing.get(evaluator.HINTS) or [])
     baseline = metrics.get("baseline")
     max_regression = (metrics.get("gate") or {}).get("max_regression")
     base_text = (f"baseline model <code>{_esc(baseline.get('model', '?'))}</code> (max regression "
                  f"{_fmt(max_regression)})" if baseline else "no baseline model, so the regression checks did not apply")
+    small = metrics.get(seg_metrics.MODEL_RESOLUTION)
+    where = (f"each mask at its own size; mean IoU {_fmt(metrics.get(seg_metrics.MEAN_IOU))} there against "
+             f"{_fmt(small.get(seg_metrics.MEAN_IOU))} at the model's {_fmt(metrics.get('image_size'))} px input"
+             if small else f"at {_fmt(metrics.get('image_size'))} px")
     return (
         f"<p>{verdict_badge(blessing)} on {_fmt(metrics.get(seg_metrics.NUM_EXAMPLES))} test examples "
-        f"({_fmt(metrics.get('num_pixels'))} labelled pixels at {_fmt(metrics.get('image_size'))} px); "
-        f"{base_text}.</p>"
+        f"({_fmt(metrics.get(seg_metrics.NUM_PIXELS))} labelled pixels, {where}); {base_text}.</p>"
         + (_table(["Check", "Value", "Threshold", "Result"], rows) if rows else "<p>No gate parameters recorded.</p>")
         + (f"<p>Why it was not blessed:</p><ul>{reasons}</ul>" if reasons else "")
+        + (f"<p>What to try next:</p><ul class='hints'>{hints}</ul>" if hints else "")
     )
 
 
