@@ -94,6 +94,7 @@ class TrainConfig:
 class EvaluationConfig:
     pixel_accuracy_threshold: float = field(metadata=_rng(0.0, 1.0))
     min_foreground_iou: float = field(metadata=_rng(0.0, 1.0))
+    min_class_iou: float = field(metadata=_rng(0.0, 1.0))  # every foreground class
     max_regression: float = field(metadata=_rng(0.0, 1.0))
     num_worst_examples: int = field(metadata=_rng(0))
 

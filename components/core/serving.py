@@ -247,3 +247,30 @@ def predict_class_masks(model: ServingModel, encoded_images: list[bytes]) -> np.
     """uint8 [N, S, S] class ids from `serving_default` for PNG/JPEG bytes."""
     outputs = predict_bytes(model.loaded, encoded_images)
     return outputs[CLASS_MASK].astype(np.uint8)
+
+
+def predict_probabilities(model: ServingModel, encoded_images: list[bytes]) -> np.ndarray:
+    """float32 [N, S, S, C] `probabilities` from `serving_default` for PNG/JPEG bytes."""
+    return predict_bytes(model.loaded, encoded_images)[PROBABILITIES].astype(np.float32)
+
+
+def class_mask_at_size(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [height, width] class ids of one image at its own size, from its S x S x C probabilities.
+
+    Each channel is resized bilinearly (PIL: pixel centres aligned, area-weighted when shrinking),
+    then the model's rule picks the class (p > 0.5 for one channel, else argmax). Resizing the
+    probabilities gives borders between model pixels, where nearest neighbour of the S x S class mask
+    would draw every model pixel as a block. `segpipe predict` writes these masks and the Evaluator
+    scores them, so both see the same prediction. At height = width = S it equals `class_mask`.
+    """
+    from PIL import Image
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    if probabilities.shape[:2] != (height, width):
+        probabilities = np.stack([
+            np.asarray(Image.fromarray(probabilities[..., c]).resize((width, height), Image.BILINEAR))
+            for c in range(probabilities.shape[-1])
+        ], axis=-1)
+    if probabilities.shape[-1] == 1:
+        return (probabilities[..., 0] > 0.5).astype(np.uint8)
+    return np.argmax(probabilities, axis=-1).astype(np.uint8)

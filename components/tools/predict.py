@@ -4,7 +4,8 @@ Images of any size and format PIL reads go through `serving_default` exactly as 
 client would send them (PNG/JPEG bytes; other formats and non-RGB modes are re-encoded as RGB PNG
 first). For each input `<stem>.<ext>` two files are written:
 - `<stem>_mask.png`: the predicted class ids (0..K-1, 0 = background), one 8-bit channel at the
-  input's original size (nearest-neighbour upsampling of `class_mask`). Class ids, not 0/255, so
+  input's original size (`probabilities` resized bilinearly, then the class rule: the masks the
+  Evaluator scores, core/serving.py `class_mask_at_size`). Class ids, not 0/255, so
   the mask has the same format as the training masks and can be fed back as a label; the overlay
   is the picture for people.
 - `<stem>_overlay.png`: the input with each foreground class tinted in its own colour.
@@ -51,8 +52,9 @@ from segpipe.components.core.serving import (
     ServingModel,
     is_complete_version,
     is_version_number,
+    class_mask_at_size,
     load_serving,
-    predict_class_masks,
+    predict_probabilities,
 )
 from segpipe.components.core.visual import overlay
 
@@ -99,11 +101,6 @@ def read_for_serving(path: Path) -> tuple[bytes, np.ndarray]:
         rgb.save(buf, format="PNG")
         data = buf.getvalue()
     return data, array
-
-
-def upsample_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of an S x S class mask to the original image size."""
-    return np.asarray(Image.fromarray(mask.astype(np.uint8)).resize((width, height), Image.NEAREST))
 
 
 def output_stems(files: list[Path]) -> list[str]:
@@ -284,9 +281,9 @@ def predict_images(
                     ready.append((path, stem, *read_for_serving(path)))
                 except BadInputError as exc:
                     failed.append((str(path), str(exc).removeprefix(f"{path}: ")))
-            for path, stem, array, mask in run_batch(model, ready, failed):
+            for path, stem, array, probabilities in run_batch(model, ready, failed):
                 try:
-                    written.append(str(write_outputs(out, stem, array, mask, overwrite=overwrite)))
+                    written.append(str(write_outputs(out, stem, array, probabilities, overwrite=overwrite)))
                 except BadInputError as exc:
                     failed.append((str(path), str(exc)))
                 except OSError as exc:  # a full disk or a folder gone read-only: no later write can work
@@ -312,8 +309,8 @@ def run_batch(
     if not ready:
         return []
     try:
-        masks = predict_class_masks(model, [item[2] for item in ready])
-        return [(path, stem, array, mask) for (path, stem, _, array), mask in zip(ready, masks)]
+        probabilities = predict_probabilities(model, [item[2] for item in ready])
+        return [(path, stem, array, probs) for (path, stem, _, array), probs in zip(ready, probabilities)]
     except Exception:  # noqa: BLE001 - TensorFlow raises InvalidArgumentError and friends
         if len(ready) == 1:
             path = ready[0][0]
@@ -325,9 +322,9 @@ def run_batch(
         return results
 
 
-def write_outputs(out: Path, stem: str, image: np.ndarray, mask: np.ndarray, *, overwrite: bool) -> Path:
+def write_outputs(out: Path, stem: str, image: np.ndarray, probabilities: np.ndarray, *, overwrite: bool) -> Path:
     """The overlay, then the mask (the file `written` lists), each moved into place complete."""
-    full = upsample_mask(mask, image.shape[0], image.shape[1])
+    full = class_mask_at_size(probabilities, image.shape[0], image.shape[1])
     mask_path = out / f"{stem}{MASK_SUFFIX}"
     place_file(out / f"{stem}{OVERLAY_SUFFIX}", encode_output_png(overlay(image, full)), overwrite=overwrite)
     place_file(mask_path, encode_output_png(full), overwrite=overwrite)
