@@ -315,10 +315,8 @@ def test_a_damaged_metadata_store_is_one_line(tmp_path: Path, capsys: pytest.Cap
     for i in range(30):
         meta.start_run("segpipe", f"run-{i}", {"note": "x" * 2000})
     path = root / "metadata.sqlite"
-    data = bytearray(path.read_bytes())
-    for page in range(8192, len(data), 4096):
-        data[page + 100 : page + 400] = b"\xab" * 300
-    path.write_bytes(bytes(data))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 // 4096 * 4096])  # a copy cut short: its later pages are gone
     assert cli.main(["runs", "--root", str(root)]) == 2
     assert one_line_error(capsys).startswith(
         f"segpipe: {path}: not a usable ML Metadata SQLite database (database disk image is malformed)")

@@ -50,9 +50,9 @@ from segpipe.components.core.serving import (
     SAVED_MODEL_PB,
     SERVING_INFO_FILE,
     ServingModel,
+    class_mask_at_size,
     is_complete_version,
     is_version_number,
-    class_mask_at_size,
     load_serving,
     predict_probabilities,
 )
