@@ -114,8 +114,9 @@ def prune_versions(serving_dir: Path, keep_last: int) -> list[int]:
 # ------------------------------------------------------------------ component
 
 
-def read_blessing(blessing_uri: str | os.PathLike) -> dict[str, Any]:
-    path = Path(blessing_uri) / artifacts.BLESSING_FILE
+def read_blessing(blessing_uri: str | os.PathLike, file_name: str = artifacts.BLESSING_FILE) -> dict[str, Any]:
+    """A ModelBlessing (or, with INFRA_BLESSING_FILE, an InfraBlessing): its JSON with a boolean `blessed`."""
+    path = Path(blessing_uri) / file_name
     try:
         blessing = json.loads(path.read_text())
     except FileNotFoundError:
@@ -146,21 +147,26 @@ def push_model(
     *,
     serving_dir: str,
     evaluation_uri: str | None = None,
+    infra_blessing_uri: str | None = None,
     keep_last: int,
     run_info: dict | None = None,
 ) -> dict:
     """Copy a blessed model to `<serving_dir>/<next version>/`; do nothing to serving_dir otherwise.
 
+    In the DAG a model is blessed when both the Evaluator and the InfraValidator (`infra_blessing_uri`)
+    blessed it; the InfraValidator's figures (load time, latency, peak memory) go into segpipe.json.
     `run_info` (e.g. {"run_id": ..., "spans": [...]}) is recorded in the version's segpipe.json.
     Returns {"pushed", "version", "path"}; the PushedModel artifact records the same.
     """
     blessing = read_blessing(blessing_uri)
+    infra = read_blessing(infra_blessing_uri, artifacts.INFRA_BLESSING_FILE) if infra_blessing_uri else None
+    blessed = blessing["blessed"] and (infra is None or infra["blessed"])
     result: dict[str, Any] = {"pushed": False, "version": None, "path": None}
-    withdrawn = withdrawn_models(serving_dir).get(str(model_uri)) if blessing["blessed"] else None
+    withdrawn = withdrawn_models(serving_dir).get(str(model_uri)) if blessed else None
     if withdrawn:
         result["withdrawn"] = withdrawn
         log.warning("model %s not pushed: %s", model_uri, withdrawn)
-    elif blessing["blessed"]:
+    elif blessed:
         source = Path(model_uri) / artifacts.SAVED_MODEL_DIR
         if not (source / SAVED_MODEL_PB).is_file():
             raise BadInputError(f"{source}: no SavedModel ({SAVED_MODEL_PB}) to push")
@@ -172,6 +178,7 @@ def push_model(
             "run_id": (run_info or {}).get("run_id"),
             "run_info": dict(run_info or {}),
             "code_version": artifacts.code_version(),
+            **({"infra_validation": infra.get("figures", {})} if infra else {}),
         }
 
         def fill(tmp: Path, version: int) -> None:
@@ -192,9 +199,9 @@ def push_model(
         artifacts.PUSHED_MODEL,
         producer="pusher",
         parameters={"serving_dir": str(serving_dir), "keep_last": keep_last},
-        inputs=(model_uri, blessing_uri, evaluation_uri),
+        inputs=(model_uri, blessing_uri, evaluation_uri, infra_blessing_uri),
     ) as (tmp_dir, meta):
-        reasons = [*blessing.get("reasons", []), *([withdrawn] if withdrawn else [])]
+        reasons = [*blessing.get("reasons", []), *(infra or {}).get("reasons", []), *([withdrawn] if withdrawn else [])]
         record = {**result, "serving_dir": str(serving_dir), "reasons": reasons}
         (tmp_dir / PUSH_RESULT_FILE).write_text(json.dumps(record, indent=2))
         meta["extra"].update(record)

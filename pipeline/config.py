@@ -100,6 +100,25 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class InfraValidationConfig:
+    batch_sizes: tuple[int, ...]  # canary request sizes sent to serving_default
+    num_requests: int = field(metadata=_rng(1))  # timed requests per batch size, after one warm-up
+    load_timeout_seconds: float = field(metadata=_rng(0.0))
+    request_timeout_seconds: float = field(metadata=_rng(0.0))
+    memory_limit_mb: int = field(metadata=_rng(0))  # address space (RLIMIT_AS) of the serving process; 0 = none
+    max_p50_latency_ms: float = field(metadata=_rng(0.0))  # limits: 0 only reports the figure
+    max_p99_latency_ms: float = field(metadata=_rng(0.0))
+    max_peak_memory_mb: float = field(metadata=_rng(0.0))
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or min(self.batch_sizes) < 1 or len(set(self.batch_sizes)) < len(self.batch_sizes):
+            raise ConfigError(f"infra_validation.batch_sizes: {list(self.batch_sizes)} must list distinct sizes >= 1")
+        for name in ("load_timeout_seconds", "request_timeout_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"infra_validation.{name}: must be positive")
+
+
+@dataclass(frozen=True)
 class PushConfig:
     serving_dir: str  # relative to the pipeline root; "" = <pipeline root>/serving
     keep_last: int = field(metadata=_rng(0))  # 0 keeps every version
@@ -147,6 +166,7 @@ class SegpipeConfig:
     model: ModelConfig
     train: TrainConfig
     evaluation: EvaluationConfig
+    infra_validation: InfraValidationConfig
     push: PushConfig
     beam: BeamConfig
     kubeflow: KubeflowConfig
@@ -252,7 +272,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
-        return tuple(_coerce(v, str, f"{name}[{i}]") for i, v in enumerate(value))
+        item = (typing.get_args(hint) or (str,))[0]  # tuple[int, ...] holds ints
+        return tuple(_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")

@@ -26,6 +26,7 @@ from segpipe.pipeline.pipeline import (
     RUN_PARAMETERS,
     Node,
     NodeContext,
+    Ref,
     artifact_name,
     create_pipeline,
     execute_node,
@@ -165,19 +166,32 @@ def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseli
     return (result, bool(json.loads(result)["blessed"]))
 
 
+def infra_validator(config: str, model: Input[Model], examples: Input[Dataset], blessing: Input[Artifact],
+                    infra_blessing: Output[Artifact],
+                    ) -> NamedTuple("InfraValidatorOutputs", [("result", str), ("blessed", bool)]):
+    import json
+
+    from segpipe.pipeline.kubeflow import run_node
+
+    result = run_node("infra_validator", config, model=model, examples=examples, blessing=blessing,
+                      infra_blessing=infra_blessing)
+    return (result, bool(json.loads(result)["blessed"]))
+
+
 def pusher(config: str, model: Input[Model], blessing: Input[Artifact], evaluation: Input[Artifact],
-           examples: Input[Dataset], statistics: Input[Artifact], run_id: str,
+           infra_blessing: Input[Artifact], examples: Input[Dataset], statistics: Input[Artifact], run_id: str,
            pushed_model: Output[Artifact]) -> str:
     from segpipe.pipeline.kubeflow import run_node
 
     return run_node("pusher", config, model=model, blessing=blessing, evaluation=evaluation,
-                    examples=examples, statistics=statistics, run_id=run_id, pushed_model=pushed_model)
+                    infra_blessing=infra_blessing, examples=examples, statistics=statistics, run_id=run_id,
+                    pushed_model=pushed_model)
 
 
 COMPONENT_FUNCTIONS: dict[str, Callable[..., Any]] = {
     fn.__name__: fn
     for fn in (example_gen, statistics_gen, schema_gen, previous_statistics, example_validator, transform,
-               latest_model, trainer, evaluator, pusher)
+               latest_model, trainer, evaluator, infra_validator, pusher)
 }
 
 
@@ -249,11 +263,31 @@ def apply_resources(task: "dsl.PipelineTask", node: Node, cfg: SegpipeConfig, *,
     task.set_display_name(node.name)
 
 
+def condition_scopes(nodes: list[Node]) -> dict[str, tuple[Ref, ...]]:
+    """The `when` conditions each node's task sits under, outermost first.
+
+    KFP refuses a task that consumes an output from inside a `dsl.If` it is not inside itself, so a
+    node inherits its upstream nodes' conditions and adds its own: the Pusher (when the
+    InfraValidator blessed) sits inside the InfraValidator's `dsl.If` (when the Evaluator blessed).
+    """
+    scopes: dict[str, tuple[Ref, ...]] = {}
+    for node in nodes:
+        upstream = {ref.node for ref in [*node.inputs.values(), *node.context.values()]} | set(node.after)
+        upstream |= {node.when.node} if node.when else set()
+        inherited = max((scopes[name] for name in upstream), key=len, default=())
+        for name in upstream:
+            if scopes[name] != inherited[: len(scopes[name])]:
+                raise ValueError(f"{node.name}: its inputs sit under unrelated conditions ({name})")
+        scopes[node.name] = inherited + ((node.when,) if node.when else ())
+    return scopes
+
+
 def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_condition: bool = True) -> Any:
     """The KFP pipeline for `create_pipeline(cfg)`.
 
-    `with_condition=False` leaves out the `dsl.If(blessed)` around the Pusher, for kfp.local (which
-    does not support conditions); the Pusher checks the blessing itself, so the outcome is the same.
+    `with_condition=False` leaves out the `dsl.If(blessed)` conditions around the InfraValidator and
+    the Pusher, for kfp.local (which does not support conditions); both check the blessings
+    themselves, so the outcome is the same.
     """
     image = image or cfg.kubeflow.image
     nodes = create_pipeline(cfg)
@@ -273,7 +307,16 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
         config_task.set_cpu_request(cfg.kubeflow.cpu_request).set_memory_request(cfg.kubeflow.memory_request)
         config_task.set_display_name(CONFIG_TASK)
         tasks: dict[str, dsl.PipelineTask] = {}
+        scopes = condition_scopes(nodes) if with_condition else {}
+        entered: list[tuple[Ref, Any]] = []  # the dsl.If contexts open now, outermost first
         for node in nodes:
+            wanted = scopes.get(node.name, ())
+            while entered and tuple(ref for ref, _ in entered) != wanted[: len(entered)]:
+                entered.pop()[1].__exit__(None, None, None)
+            for ref in wanted[len(entered):]:
+                condition = dsl.If(tasks[ref.node].outputs[ref.output] == True)  # noqa: E712
+                condition.__enter__()
+                entered.append((ref, condition))
             arguments: dict[str, Any] = {"config": config_task.output}
             for argument, ref in [*node.inputs.items(), *node.context.items()]:
                 source = tasks[ref.node]
@@ -282,15 +325,13 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
             for name in set(components[node.name].component_spec.inputs) - set(arguments):
                 # The run id for the pusher's record; "" for an input this config leaves out (warm start off).
                 arguments[name] = dsl.PIPELINE_JOB_ID_PLACEHOLDER if name == "run_id" else ""
-            if node.when is not None and with_condition:
-                with dsl.If(tasks[node.when.node].outputs[node.when.output] == True):  # noqa: E712
-                    task = components[node.name](**arguments)
-            else:
-                task = components[node.name](**arguments)
+            task = components[node.name](**arguments)
             for name in node.after:
                 task.after(tasks[name])
             apply_resources(task, node, cfg, resolver=node.is_resolver)
             tasks[node.name] = task
+        while entered:
+            entered.pop()[1].__exit__(None, None, None)
 
     segpipe_pipeline.__signature__ = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=type(value))
@@ -299,7 +340,7 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
     segpipe_pipeline.__annotations__ = {name: type(value) for name, value in defaults.items()}
     return dsl.pipeline(
         name=cfg.pipeline_name,
-        description="segpipe: TFRecords -> TFDV -> TFT -> Keras U-Net -> evaluator gate -> pusher",
+        description="segpipe: TFRecords -> TFDV -> TFT -> Keras U-Net -> evaluator gate -> infra validator -> pusher",
         pipeline_root=cfg.kubeflow.pipeline_root or None,
     )(segpipe_pipeline)
 

@@ -1,7 +1,8 @@
 """The segpipe DAG, declared once.
 
 ExampleGen -> StatisticsGen -> schema import -> ExampleValidator -> Transform -> Trainer (warm start
-from the latest blessed model) -> Evaluator (baseline: the same model) -> Pusher (only if blessed).
+from the latest blessed model) -> Evaluator (baseline: the same model) -> InfraValidator (the blessed
+model loaded the way a model server loads it) -> Pusher (only if both blessed).
 
 `create_pipeline(cfg)` returns the nodes in execution order. A node names the real component
 function, which of its arguments are input artifacts (references to other nodes' outputs), which are
@@ -24,6 +25,7 @@ from segpipe.components.core import artifacts
 from segpipe.components.evaluator import evaluate_model
 from segpipe.components.example_gen import resolve_spans, run_example_gen
 from segpipe.components.example_validator import validate_examples
+from segpipe.components.infra_validator import validate_infra
 from segpipe.components.core.serving import SERVING_INFO_FILE, latest_blessed_model
 from segpipe.components.pusher import push_model
 from segpipe.components.schema_gen import import_schema
@@ -173,6 +175,11 @@ def _evaluator_params(cfg: SegpipeConfig) -> dict[str, Any]:
     }
 
 
+def _infra_validator_params(cfg: SegpipeConfig) -> dict[str, Any]:
+    iv = cfg.infra_validation
+    return {"num_classes": cfg.data.num_classes, **dataclasses.asdict(iv), "batch_sizes": list(iv.batch_sizes)}
+
+
 def _pusher_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
     """The run record stored beside each pushed version (what the resolvers read back)."""
     examples = ctx.inputs.get("examples")
@@ -293,6 +300,18 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
             outputs={"evaluation_uri": artifacts.MODEL_EVALUATION, "blessing_uri": artifacts.MODEL_BLESSING},
         ),
         Node(
+            "infra_validator",
+            validate_infra,
+            _infra_validator_params,
+            inputs={
+                "model_uri": Ref("trainer", "model_uri"),
+                "examples_uri": Ref("example_gen", "examples_uri"),
+                "blessing_uri": Ref("evaluator", "blessing_uri"),
+            },
+            outputs={"infra_blessing_uri": artifacts.INFRA_BLESSING},
+            when=Ref("evaluator", "blessed"),
+        ),
+        Node(
             "pusher",
             push_model,
             lambda cfg: {"serving_dir": cfg.serving_dir, "keep_last": cfg.push.keep_last},
@@ -300,6 +319,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
                 "model_uri": Ref("trainer", "model_uri"),
                 "blessing_uri": Ref("evaluator", "blessing_uri"),
                 "evaluation_uri": Ref("evaluator", "evaluation_uri"),
+                "infra_blessing_uri": Ref("infra_validator", "infra_blessing_uri"),
             },
             outputs={"pushed_model_uri": artifacts.PUSHED_MODEL},
             context={
@@ -307,7 +327,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
                 "statistics": Ref("statistics_gen", "statistics_uri"),
             },
             runtime=_pusher_runtime,
-            when=Ref("evaluator", "blessed"),
+            when=Ref("infra_validator", "blessed"),
         ),
     ]
     check_order(nodes)

@@ -65,7 +65,7 @@ def test_a_default_run_prints_only_segpipe_lines(default_run):
     for noise in NOISE:
         assert noise not in terminal, noise
     # What it does print: a line per step, per Beam pipeline and per epoch; no progress bar off a TTY.
-    assert "[1/10] example_gen          done" in result.stdout and "pushed model:" in result.stdout
+    assert re.search(r"\[1/\d+\] example_gen +done", result.stdout) and "pushed model:" in result.stdout
     assert "example_gen: Beam pipeline done in" in result.stderr
     assert re.search(r"^\S+ transform: Beam pipeline done in \d+\.\ds; .*records\[train\]=\d+", result.stderr, re.M)
     assert re.search(r"^\d\d:\d\d:\d\d epoch 1/1  loss=\d\.\d{4}  .*val_loss=\d\.\d{4}", result.stderr, re.M)

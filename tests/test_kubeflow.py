@@ -67,11 +67,15 @@ def test_compiled_yaml_carries_image_gpu_tolerations_retries_and_parameters(gpu_
     assert tasks["latest-model"]["cachingOptions"] == {}  # resolvers read the serving dir: never cached
     assert set(tasks["transform"]["dependentTasks"]) >= {"example-validator", "example-gen", "schema-gen"}
 
-    # The Pusher sits under the blessing condition.
+    # The InfraValidator (a CPU task) runs when the Evaluator blessed; inside that, the Pusher when it blessed.
     [condition] = [t for name, t in tasks.items() if name.startswith("condition-")]
     assert "evaluator-blessed" in condition["triggerPolicy"]["condition"]
-    pusher_dag = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(pusher_dag) == ["pusher"]
+    gated = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    [inner] = [t for name, t in gated.items() if name.startswith("condition-")]
+    assert set(gated) == {"infra-validator", inner["taskInfo"]["name"]}
+    assert "infra-validator-blessed" in inner["triggerPolicy"]["condition"]
+    assert list(spec["components"][inner["componentRef"]["name"]]["dag"]["tasks"]) == ["pusher"]
+    assert "accelerator" not in executors["exec-infra-validator"]["container"]["resources"]
 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"profile", *RUN_PARAMETERS}
@@ -186,3 +190,5 @@ def test_compiled_pipeline_runs_end_to_end_with_kfp_local(tmp_path, write_tiny_s
     assert (serving / "1" / "saved_model.pb").is_file() and (serving / "1" / "model.keras").is_file()
     blessing = next((tmp_path / "kfp").rglob("blessing/blessing.json"))
     assert json.loads(blessing.read_text())["blessed"] is True
+    infra = next((tmp_path / "kfp").rglob("infra_blessing/infra_blessing.json"))
+    assert json.loads(infra.read_text())["blessed"] is True and info["infra_validation"]["load_seconds"] > 0

@@ -6,6 +6,7 @@ run `create_pipeline(cfg)` with the real components on ~32 tiny images.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -267,7 +268,7 @@ def test_segpipe_run_end_to_end_gates_then_pushes_from_cache(tmp_path, write_tin
     # An impossible gate: the model is trained, evaluated and rejected (exit 3, nothing pushed).
     assert main(["run", *args, "--threshold", "1.0", "--set", "evaluation.min_foreground_iou=1.0"]) == 3
     captured = capsys.readouterr()
-    assert "[1/10] example_gen          done" in captured.out
+    assert re.search(r"\[1/\d+\] example_gen +done", captured.out)
     assert f"{'pusher':<20} skipped" in captured.out
     assert "not blessed" in captured.err
     # The blessing's hints, class names from the data's labels.json, end the run's step lines.

@@ -35,6 +35,7 @@ MODEL = "Model"
 MODEL_RUN = "ModelRun"
 MODEL_EVALUATION = "ModelEvaluation"
 MODEL_BLESSING = "ModelBlessing"
+INFRA_BLESSING = "InfraBlessing"
 PUSHED_MODEL = "PushedModel"
 
 # Split names. `eval` drives checkpoints and early stopping; `test` is the Evaluator's alone.
@@ -87,6 +88,7 @@ SCHEMA_FILE = "schema.pbtxt"
 ANOMALIES_FILE = "anomalies.pbtxt"
 EVALUATION_FILE = "metrics.json"
 BLESSING_FILE = "blessing.json"
+INFRA_BLESSING_FILE = "infra_blessing.json"
 
 
 @dataclass(frozen=True)

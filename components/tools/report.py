@@ -4,9 +4,10 @@ The grid is the tutorial's figure (input, true mask, predicted mask per row), be
 examples. The report gathers, from the artifacts of one run: the gate with every check, the
 metrics against the baseline, IoU and Dice per class with the confusion matrix, the prediction
 grid, the training curves and history, a data summary (examples per split, quarantined and
-skipped records and why, image sizes, validation anomalies), where the model was pushed, and a
-link to every artifact. Images are embedded as data URIs and there is no script, so the report
-is one file that opens anywhere and can be mailed or attached to a ticket.
+skipped records and why, image sizes, validation anomalies), the infra validation (how the model
+served in a TensorFlow-only process), where the model was pushed, and a link to every artifact.
+Images are embedded as data URIs and there is no script, so the report is one file that opens
+anywhere and can be mailed or attached to a ticket.
 
 Each section is built on its own: a missing or unreadable artifact costs that section a line
 saying so, never the whole report.
@@ -48,9 +49,10 @@ PER_CLASS = "Per-class metrics"
 PREDICTIONS = "Predictions"
 TRAINING = "Training"
 DATA = "Data"
+INFRA = "Infra validation"
 PUSH = "Push"
 ARTIFACTS = "Artifacts"
-SECTION_TITLES = (GATE, METRICS, PER_CLASS, PREDICTIONS, TRAINING, DATA, PUSH, ARTIFACTS)
+SECTION_TITLES = (GATE, METRICS, PER_CLASS, PREDICTIONS, TRAINING, DATA, INFRA, PUSH, ARTIFACTS)
 
 METRIC_ROWS = (
     (seg_metrics.PIXEL_ACCURACY, "Pixel accuracy"),
@@ -449,7 +451,34 @@ def data_section(examples_uri: str | os.PathLike | None, statistics_uri: str | o
     return "".join(parts)
 
 
-# ------------------------------------------------------------------ push and artifacts
+# ------------------------------------------------------------------ infra validation, push and artifacts
+
+
+def _figure(value: Any) -> str:
+    """Seconds, milliseconds, megabytes and tolerances: 4 significant digits, a dash for none."""
+    return "–" if value is None else _esc(f"{value:.4g}" if isinstance(value, float) else value)
+
+
+def infra_section(infra_blessing_uri: str | os.PathLike | None) -> str:
+    """The InfraValidator's verdict: every check, and how the model served (load time, latency, memory)."""
+    if infra_blessing_uri is None:
+        return "<p>Infra validation did not run.</p>"
+    record = _read_json(Path(infra_blessing_uri) / artifacts.INFRA_BLESSING_FILE) or {}
+    figures = record.get("figures") or {}
+    checks = [[_esc(c["name"]), _figure(c.get("value")), _figure(c.get("limit")), _result(bool(c["passed"]))]
+              for c in record.get("checks") or []]
+    latency = [[_esc(size), _figure(f.get("p50_ms")), _figure(f.get("p99_ms")), _figure(f.get("requests"))]
+               for size, f in (figures.get("latency_ms") or {}).items()]
+    reasons = "".join(f"<li>{_esc(r)}</li>" for r in record.get("reasons") or [])
+    limit = figures.get("memory_limit_mb")
+    return (
+        f"<p>{verdict_badge(record)} in a fresh TensorFlow-only serving process: loaded in "
+        f"{_figure(figures.get('load_seconds'))} s, peak resident memory {_figure(figures.get('peak_memory_mb'))} MB "
+        f"(address-space limit {f'{limit} MB' if limit else 'none'}).</p>"
+        + (_table(["Check", "Value", "Limit", "Result"], checks) if checks else "")
+        + (_table(["Batch size", "p50 ms", "p99 ms", "Requests"], latency, "Canary request latency") if latency else "")
+        + (f"<p>Why it is not served:</p><ul>{reasons}</ul>" if reasons else "")
+    )
 
 
 def push_section(pushed_model_uri: str | os.PathLike | None, base_dir: Path) -> str:
@@ -498,6 +527,7 @@ def write_run_report(
     *,
     evaluation_uri: str | os.PathLike,
     blessing_uri: str | os.PathLike,
+    infra_blessing_uri: str | os.PathLike | None = None,
     pushed_model_uri: str | os.PathLike | None = None,
     statistics_uri: str | os.PathLike | None = None,
     anomalies_uri: str | os.PathLike | None = None,
@@ -517,10 +547,12 @@ def write_run_report(
     base_dir = out_path.parent.resolve()
     metrics = _read_json(Path(evaluation_uri) / artifacts.EVALUATION_FILE) or {}
     blessing = _read_json(Path(blessing_uri) / artifacts.BLESSING_FILE) or {}
+    infra = _read_json(Path(infra_blessing_uri) / artifacts.INFRA_BLESSING_FILE) if infra_blessing_uri else None
+    verdict = {"blessed": bool(blessing.get("blessed")) and (infra or {}).get("blessed", True)}  # both gates
     links = artifact_links or given_artifacts({
         "examples": examples_uri, "statistics": statistics_uri, "anomalies": anomalies_uri,
         "model_run": model_run_uri, "evaluation": evaluation_uri, "blessing": blessing_uri,
-        "pushed_model": pushed_model_uri,
+        "infra_blessing": infra_blessing_uri, "pushed_model": pushed_model_uri,
     })
     builders: dict[str, Callable[[], str]] = {
         GATE: lambda: gate_section(metrics, blessing),
@@ -529,13 +561,14 @@ def write_run_report(
         PREDICTIONS: lambda: predictions_section(evaluation_uri, metrics),
         TRAINING: lambda: training_section(model_run_uri),
         DATA: lambda: data_section(examples_uri, statistics_uri, anomalies_uri, base_dir),
+        INFRA: lambda: infra_section(infra_blessing_uri),
         PUSH: lambda: push_section(pushed_model_uri, base_dir),
         ARTIFACTS: lambda: artifacts_section(links, base_dir),
     }
     page = "".join([
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>segpipe run report {_esc(run_id)}</title><style>{STYLE}</style></head><body>",
-        _header(run_id, message or ("blessed" if blessing.get("blessed") else "not blessed"), blessing),
+        _header(run_id, message or ("blessed" if verdict["blessed"] else "not blessed"), verdict),
         *(_section(title, builders[title]) for title in SECTION_TITLES),
         "</body></html>\n",
     ])
