@@ -447,17 +447,19 @@ def run_evaluation_pipeline(files: list[str], models: dict[str, tuple[str, int]]
     """One Beam pipeline: read the records once, one RunInference branch per model."""
     import apache_beam as beam
 
-    from segpipe.components.core.beam import beam_pipeline
+    from segpipe.components.core.beam import beam_pipeline, worker_path
 
     with beam_pipeline(beam_args) as pipeline:
+        # Workers open these paths: relative ones would resolve in each worker's own directory.
         examples = (
             pipeline
-            | "Files" >> beam.Create(files)
+            | "Files" >> beam.Create([worker_path(f) for f in files])
             | "Read" >> beam.io.ReadAllFromTFRecord()
             | "Parse" >> beam.Map(parse_test_record)
         )
         for name, (saved_model_dir, size) in models.items():
-            add_model_branch(examples, name, saved_model_dir, size, num_classes, num_keep, scratch)
+            add_model_branch(examples, name, worker_path(saved_model_dir), size, num_classes, num_keep,
+                             Path(worker_path(scratch)))
     results = {}
     for name in models:
         loaded = {}

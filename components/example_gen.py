@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping, Sequence
 
 from segpipe.components.core import artifacts
-from segpipe.components.core.beam import beam_pipeline
+from segpipe.components.core.beam import beam_pipeline, worker_path
 from segpipe.components.core.data_format import (
     MissingFeatureError,
     NotAnExampleError,
@@ -462,6 +462,8 @@ def run_example_gen(
     BadInputError naming the file and record index of unreadable input (nothing is published)
     unless `skip_bad_records`, which skips, logs and counts such records instead.
     """
+    # Workers write the shards themselves; a relative URI would resolve in each worker's own directory.
+    examples_uri = worker_path(examples_uri)
     order = split_order(splits)
     spans = resolve_spans(input_pattern, span, num_spans)
     files = span_files(input_pattern, spans)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from segpipe.components.core import artifacts
-from segpipe.components.core.beam import beam_pipeline
+from segpipe.components.core.beam import beam_pipeline, worker_path
 from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def generate_statistics(examples_uri: str, statistics_uri: str, *, beam_args: li
     ):
         work_dir = tmp / "_work"
         with beam_pipeline(beam_args) as p:
-            _build_pipeline(p, examples_uri, splits, str(work_dir / "manifest"))
+            _build_pipeline(p, worker_path(examples_uri), splits, worker_path(work_dir / "manifest"))
         sliced = _read_manifest(work_dir)
         shutil.rmtree(work_dir)
         found = {(s, v): _view(sliced, s, v) for s in splits for v in (RAW, DERIVED)}

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from segpipe.components.core import artifacts
-from segpipe.components.core.beam import beam_pipeline
+from segpipe.components.core.beam import beam_pipeline, worker_path
 from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -290,11 +290,14 @@ def run_transform(
         parameters=parameters,
         inputs=inputs,
     ) as (examples_dir, examples_info):
-        tft_temp = graph_dir / ".tft_tmp"
+        # Workers read and write these paths: relative ones would resolve in each worker's own directory.
+        tft_temp = worker_path(graph_dir / ".tft_tmp")
+        worker_files = {split: [worker_path(f) for f in paths] for split, paths in files.items()}
         pipeline = beam_pipeline(beam_args)
-        with tft_beam.Context(temp_dir=str(tft_temp), desired_batch_size=DEFAULT_BATCH_SIZE):
+        with tft_beam.Context(temp_dir=tft_temp, desired_batch_size=DEFAULT_BATCH_SIZE):
             build_transform_pipeline(
-                pipeline, files, make_preprocessing_fn(image_size, standardize), str(graph_dir), str(examples_dir)
+                pipeline, worker_files, make_preprocessing_fn(image_size, standardize), worker_path(graph_dir),
+                worker_path(examples_dir),
             )
             result = pipeline.run()
             result.wait_until_finish()

@@ -11,11 +11,16 @@ the default, never "let Beam pick".
 Each pipeline reports when it has run: one INFO line with its step's name, its seconds and the
 counters in segpipe's own namespace (`segpipe.*`, e.g. Transform's records per split); every
 counter, the libraries' too, at DEBUG.
+
+On a portable runner (Flink, Spark, Dataflow, or `--runner=PortableRunner` against a job service)
+the steps' functions are pickled and run by SDK workers in other processes, each in a working
+directory of its own: every path a step hands to a transform goes through `worker_path`.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Sequence
@@ -41,6 +46,13 @@ def runner_name(beam_args: Sequence[str]) -> str:
         elif arg == "--runner" and i + 1 < len(args):
             name = args[i + 1]
     return name or DEFAULT_BEAM_ARGS[0].split("=", 1)[1]
+
+
+def worker_path(path: str | os.PathLike) -> str:
+    """`path` as a Beam worker must get it: absolute, because a worker resolves a relative path
+    against its own working directory, not the launcher's; a URI (gs://...) unchanged."""
+    text = os.fspath(path)
+    return text if "://" in text else os.path.abspath(text)
 
 
 def pipeline_options(beam_args: Sequence[str]) -> "PipelineOptions":
@@ -110,9 +122,21 @@ def _reporting_pipeline_class() -> type:
         def run(self, test_runner_api: bool | str = "AUTO") -> Any:
             started = time.monotonic()
             result = super().run(test_runner_api)
-            # A remote runner returns while the job runs; its step waits and logs its own counts.
             if PipelineState.is_terminal(result.state):
                 report_counters(self.report_name, result, time.monotonic() - started)
+                return result
+            # A portable runner returns while the job runs: report once a wait sees it finish.
+            wait = result.wait_until_finish
+            reported = []
+
+            def wait_and_report(duration: int | None = None) -> Any:
+                state = wait(duration)
+                if PipelineState.is_terminal(result.state) and not reported:
+                    reported.append(True)
+                    report_counters(self.report_name, result, time.monotonic() - started)
+                return state
+
+            result.wait_until_finish = wait_and_report
             return result
 
     return ReportingPipeline
