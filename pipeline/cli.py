@@ -693,6 +693,74 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_train)
 
 
+# ------------------------------------------------------------------ inference and deployment: infer, deploy
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from segpipe.components.tools.infer import FAILURES_FILE, infer_records, resolve_data
+
+    cfg = config_from_args(args)
+    result = infer_records(args.model, resolve_data(args.data), args.out, beam_args=list(cfg.beam.pipeline_args),
+                           protected=_owned_folders(cfg))
+    version = f" (serving version {result['model_version']})" if result["model_version"] else ""
+    print(f"wrote {result['written']} mask(s) and their predictions from {result['model']}{version} to {args.out}")
+    failed = result["failed"]
+    if failed:  # each was logged with its reason
+        names = list(dict.fromkeys(item["id"] if item["id"] is not None else f"a record of {item['file']}"
+                                   for item in failed))
+        named = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise BadInputError(f"{len(failed)} of {result['total']} record(s) skipped: {named} "
+                            f"(listed above and in {Path(args.out) / FAILURES_FILE}); the rest were written")
+    return EXIT_OK
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from segpipe.components.tools.deploy import write_deployment
+    from segpipe.pipeline.kubeflow import parse_toleration
+
+    cfg = config_from_args(args)
+    kf = cfg.kubeflow
+    try:
+        tolerations = [parse_toleration(t) for t in kf.gpu_tolerations]
+    except ValueError as exc:  # names the field and the value
+        raise BadInputError(str(exc)) from None
+    result = write_deployment(
+        _serving_dir_from_args(args), args.out, model_name=cfg.pipeline_name, keep_last=cfg.push.keep_last,
+        storage_uri=args.storage_uri, cpu_request=kf.cpu_request, memory_request=kf.memory_request,
+        accelerator_type=kf.accelerator_type, accelerator_limit=kf.accelerator_limit,
+        node_selector=kf.gpu_node_selector, tolerations=tolerations, protected=_owned_folders(cfg),
+    )
+    print(f"wrote {result['models_config']} and {result['inference_service']}: version policy {result['policy']}, "
+          f"serving versions {', '.join(map(str, result['versions']))}")
+    if args.storage_uri is None:
+        print(f"storageUri is {result['storage_uri']}, a path on this machine: pass --storage-uri with the "
+              "URI a cluster reads the serving directory from (gs://, s3://, pvc://...)")
+    return EXIT_OK
+
+
+def _add_deployment_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="batch inference on raw TFRecords with Beam RunInference (masks + InferenceResult)")
+    p.add_argument("--model", required=True, type=cli_path, metavar="DIR", help=MODEL_HELP)
+    p.add_argument("--data", required=True, type=cli_path, metavar="PATTERN",
+                   help="glob of raw TFRecord files (quote it), one such file, or a folder of them; masks are not needed")
+    p.add_argument("--out", required=True, type=cli_path, metavar="DIR",
+                   help="the InferenceResult: masks/, predictions-*.tfrecord.gz, failures.json (a new or empty "
+                        "folder, or an earlier result to replace)")
+    add_config_options(p)
+    p.set_defaults(handler=_run_infer)
+
+    p = sub.add_parser("deploy", help="write a TensorFlow Serving models.config and a KServe InferenceService")
+    p.add_argument("--serving-dir", type=cli_path, metavar="DIR",
+                   help="serving directory (default: push.serving_dir of the config)")
+    p.add_argument("--out", required=True, type=cli_path, metavar="DIR",
+                   help="writes models.config and inferenceservice.yaml")
+    p.add_argument("--storage-uri", metavar="URI",
+                   help="where the cluster reads the serving directory, e.g. gs://bucket/serving or "
+                        "pvc://models/serving (default: file://<serving dir>)")
+    add_config_options(p)
+    p.set_defaults(handler=_run_deploy)
+
+
 # ------------------------------------------------------------------ registration
 
 
@@ -703,6 +771,7 @@ _REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_pipeline_commands,
     _add_schema_commands,
     _add_train_commands,
+    _add_deployment_commands,
 ]
 
 

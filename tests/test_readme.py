@@ -91,7 +91,8 @@ NEEDS_MODEL = re.compile(
 )
 
 # Python blocks that are compiled only, by a phrase they contain, and why.
-COMPILE_ONLY = {"localhost:8501": "talks to a running TensorFlow Serving"}
+COMPILE_ONLY = {"localhost:8501": "talks to a running TensorFlow Serving",
+                "localhost:8500": "talks to a running TensorFlow Serving's gRPC port"}
 
 # Programs other than segpipe that the pages use: how each is checked, and why it is not run.
 EXTERNAL = {
@@ -101,6 +102,7 @@ EXTERNAL = {
     "mkdir": "prepares the Oxford-IIIT Pet download, which is not fetched here (the sandbox holds a fake one)",
     "tar": "unpacks the Oxford-IIIT Pet download, which is not fetched here (the sandbox holds a fake one)",
     "curl": "talks to a running TensorFlow Serving",
+    "kubectl": "needs a Kubernetes cluster with KServe; tests/test_deploy.py checks the manifest against KServe's CRD",
     "python": "benchmarks run for up to an hour: the script and every flag given must exist",
     "saved_model_cli": "run for real",
 }

@@ -37,6 +37,7 @@ MODEL_EVALUATION = "ModelEvaluation"
 MODEL_BLESSING = "ModelBlessing"
 INFRA_BLESSING = "InfraBlessing"
 PUSHED_MODEL = "PushedModel"
+INFERENCE_RESULT = "InferenceResult"  # segpipe infer: per-image masks and predictions
 
 # Split names. `eval` drives checkpoints and early stopping; `test` is the Evaluator's alone.
 TRAIN = "train"

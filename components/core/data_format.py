@@ -201,6 +201,16 @@ def parse_example(serialized: bytes) -> tuple[str, bytes, bytes]:
     return display_id(raw_id), image, mask
 
 
+def parse_image_raw(serialized: bytes) -> tuple[bytes, bytes]:
+    """(id bytes, image bytes) of a raw example whose mask may be absent: what inference reads.
+
+    The same rules as `parse_example_raw` for the id and the image; the mask is not looked at.
+    """
+    example = parse_proto(serialized)
+    raw_id = _single_bytes(example, ID_KEY, None)
+    return raw_id, _single_bytes(example, IMAGE_KEY, raw_id)
+
+
 def span_dir(data_root: str | os.PathLike, span: int) -> Path:
     return Path(data_root) / SPAN_DIR.format(span=span)
 
