@@ -303,6 +303,9 @@ def run_transform(
             result.wait_until_finish()
         shutil.rmtree(tft_temp, ignore_errors=True)
         counts = query_counts(result, splits)
+        if not counts.get(artifacts.TRAIN):  # e.g. workers that could not see the input files
+            raise BadInputError(f"transform: 0 {artifacts.TRAIN} records transformed from {files[artifacts.TRAIN][:3]}; "
+                                "nothing published")
         for info in (graph_info, examples_info):
             info["counts"] = dict(counts)
             info["extra"].update(
