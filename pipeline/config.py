@@ -1,13 +1,16 @@
 """The one typed segpipe configuration.
 
-Layers, later wins: `default.yaml` (every field, commented) <- a profile (`profiles/<name>.yaml`)
-<- the user's YAML file <- `--set section.field=value` overrides. Every layer is validated the same
-way, and errors name the field (`train.epochs: expected int, got 'ten'`) so the CLI can print one
-line and exit 2.
+Layers, later wins: `default.yaml` (every field, commented) <- a profile (`profiles/<name>.yaml`;
+`auto`, the default, has no file: the pipeline's plan step fits the recipe to the data) <- the
+user's YAML file <- `--set section.field=value` overrides. Every layer is validated the same way,
+and errors name the field (`train.epochs: expected int, got 'ten'`) so the CLI can print one line
+and exit 2. The config remembers which fields the user's layers set (`explicit`): the plan never
+changes those.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +20,9 @@ from typing import Any, Mapping
 
 import yaml
 
-PROFILES = ("demo", "seed")
+AUTO_PROFILE = "auto"  # no preset: the plan step fits the recipe to the data and the budget
+PROFILES = (AUTO_PROFILE, "demo", "seed")
+DEVICE_FORM = re.compile(r"auto|(cpu|gpu):[1-9]\d*")
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; more is the wrong file (or /dev/zero)
 
 
@@ -69,15 +74,27 @@ class ModelConfig:
     depth: int = field(metadata=_rng(1, 8))
     batch_norm: bool
     dropout: float = field(metadata=_rng(0.0, 0.9))
+    bn_momentum: str | float  # "auto" (fitted to the planned steps) or a momentum in [0, 1)
+
+    def __post_init__(self) -> None:
+        momentum = self.bn_momentum
+        if momentum != "auto" and (isinstance(momentum, str) or not 0.0 <= momentum < 1.0):
+            raise ConfigError(f"model.bn_momentum: {momentum!r} is neither auto nor a number in [0, 1)")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = field(metadata=_rng(1))
     epochs: int = field(metadata=_rng(1))
+    min_steps: int = field(metadata=_rng(0))  # epochs are raised until epochs * steps per epoch >= this
     learning_rate: float = field(metadata=_rng(0.0))
+    lr_schedule: str = field(metadata=_rng(choices=("cosine", "constant")))
+    warmup_fraction: float = field(metadata=_rng(0.0, 0.5))  # of the planned steps (cosine only)
     loss: str = field(metadata=_rng(choices=("bce", "dice_bce")))
+    class_weights: str = field(metadata=_rng(choices=("auto", "none")))
+    monitor: str = field(metadata=_rng(choices=("val_iou", "val_pixel_accuracy", "val_dice", "val_loss")))
     early_stopping_patience: int = field(metadata=_rng(0))
+    bn_recalibration_batches: int = field(metadata=_rng(0))  # 0 keeps the moving averages
     shuffle_buffer: int = field(metadata=_rng(1))
     cache: bool
     augment_flip: bool
@@ -88,6 +105,8 @@ class TrainConfig:
     distribution: str = field(metadata=_rng(choices=("auto", "multi_worker")))
     warm_start: bool
     seed: int = field(metadata=_rng(0))
+    budget_minutes: float = field(metadata=_rng(0.5))  # the plan's training-time budget
+    device: str  # what the plan assumes the trainer runs on: auto (detected) | cpu:N | gpu:N
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,9 @@ class SegpipeConfig:
     beam: BeamConfig
     kubeflow: KubeflowConfig
     metadata: MetadataConfig
+    # Dotted names of the fields the user set (config file, --set, run flags): the plan keeps them.
+    # Not a config value: load_config and with_overrides fill it in.
+    explicit: tuple[str, ...] = field(default=(), compare=False, metadata={"derived": True})
 
     # Derived locations. A relative path in the config has one base: `root` for data.root,
     # push.serving_dir, metadata.sqlite_path and validation.schema_path, `data.root` for
@@ -200,7 +222,8 @@ class SegpipeConfig:
         return join_path(self.data_root, self.data.input_pattern)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config values (every field of default.yaml), without `explicit`."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "explicit"}
 
 
 def is_absolute_path(path: str) -> bool:
@@ -257,14 +280,30 @@ def _is_free_mapping(dotted: str) -> bool:
     return dotted in {"kubeflow.gpu_node_selector"}
 
 
+def _leaves(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields a (partial) mapping of sections sets."""
+    names = []
+    for key, value in values.items():
+        if isinstance(value, dict) and not _is_free_mapping(prefix + key):
+            names += _leaves(value, f"{prefix}{key}.")
+        else:
+            names.append(prefix + key)
+    return names
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(value, inner, name)
+        inner = [o for o in options if o is not type(None)]
+        for option in inner[:-1]:  # e.g. str | float: "auto" or a number
+            try:
+                return _coerce(value, option, name)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], name)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
@@ -301,7 +340,7 @@ def _check_range(value: Any, meta: Mapping[str, Any], name: str) -> None:
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     for key in values:
         if key not in fields:
             raise ConfigError(f"{prefix}{key}: unknown key")
@@ -328,6 +367,8 @@ def _check_consistency(cfg: SegpipeConfig) -> None:
         raise ConfigError(f"data.input_pattern: {cfg.data.input_pattern!r} has no {{SPAN}} placeholder")
     if cfg.data.min_image_size < 1:
         raise ConfigError("data.min_image_size: must be positive")
+    if not DEVICE_FORM.fullmatch(cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not auto, cpu:N or gpu:N")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -361,12 +402,15 @@ def load_config(
     chosen = profile or user.get("profile") or values["profile"]
     if chosen not in PROFILES:
         raise ConfigError(f"profile: {chosen!r} is not one of {', '.join(PROFILES)}")
-    values = _merge(values, _packaged_yaml(f"profiles/{chosen}.yaml"))
+    if chosen != AUTO_PROFILE:
+        values = _merge(values, _packaged_yaml(f"profiles/{chosen}.yaml"))
     values = _merge(values, user)
+    explicit = set(_leaves(user)) - {"profile"}
     for dotted, value in (overrides or {}).items():
         values = _merge(values, _nest(dotted, value))
+        explicit.update(_leaves(_nest(dotted, value)))
     values["profile"] = chosen
-    cfg = _build(SegpipeConfig, values)
+    cfg = dataclasses.replace(_build(SegpipeConfig, values), explicit=tuple(sorted(explicit)))
     _check_consistency(cfg)
     return cfg
 
@@ -388,11 +432,18 @@ def _read_config_text(path: Path) -> str:
         raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
 
 
-def with_overrides(cfg: SegpipeConfig, overrides: Mapping[str, Any]) -> SegpipeConfig:
-    """A copy of `cfg` with dotted overrides applied and validated again."""
+def with_overrides(cfg: SegpipeConfig, overrides: Mapping[str, Any], *, explicit: bool = True) -> SegpipeConfig:
+    """A copy of `cfg` with dotted overrides applied and validated again.
+
+    The overridden fields count as set by the user (`explicit`), unless `explicit=False`: the
+    plan's own overrides, and a config restored from its serialised values.
+    """
     values = cfg.as_dict()
+    names = set(cfg.explicit)
     for dotted, value in overrides.items():
         values = _merge(values, _nest(dotted, value))
-    new = _build(SegpipeConfig, values)
+        if explicit:
+            names.update(_leaves(_nest(dotted, value)))
+    new = dataclasses.replace(_build(SegpipeConfig, values), explicit=tuple(sorted(names)))
     _check_consistency(new)
     return new

@@ -5,11 +5,15 @@ matching lightweight component below. Each component body only calls `run_node`,
 node up in `create_pipeline(cfg)` and calls `execute_node` exactly as the local runner does; the
 image already holds segpipe, so nothing is pip-installed at run time. Run parameters (data
 pattern, span, threshold, epochs, image size, profile, root) are pipeline parameters; a first
-`config` task turns them plus the compile-time config into the run's config JSON.
+`config` task turns them plus the compile-time config into the run's config JSON. Epochs and image
+size default to 0, "not set", unless the compiled config set them: the profile's value, or under
+`profile: auto` the Plan task's choice. The Plan task runs on a CPU pod and plans for the trainer
+pod's declared resources (`train.device`, else the `kubeflow` section's requests).
 
 This module deliberately has no `from __future__ import annotations`: KFP reads the component
 signatures' annotations at runtime (Input[Model], NamedTuple outputs) and cannot parse strings.
 """
+import dataclasses
 import inspect
 import json
 import logging
@@ -21,6 +25,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from segpipe.components.core import artifacts
+from segpipe.components.plan import PLANNED_FIELDS
 from segpipe.pipeline.config import SegpipeConfig, load_config, with_overrides
 from segpipe.pipeline.pipeline import (
     RUN_PARAMETERS,
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 CONFIG_TASK = "config"
+EXPLICIT_KEY = "explicit"  # in the run's config JSON: the fields the user set (the plan keeps them)
+NOT_SET = 0  # the default of a run parameter the plan may choose: "use the config's value"
 
 
 # ------------------------------------------------------------------ what runs inside the pods
@@ -48,15 +55,20 @@ def resolve_run_config(base_config: str, profile: str, run_parameters: dict) -> 
     overrides = json.loads(base_config)
     for name, value in run_parameters.items():
         dotted = RUN_PARAMETERS[name][0]
+        if dotted in PLANNED_FIELDS and value == NOT_SET:
+            continue
         overrides[dotted] = None if (name == "span" and value < 0) else value
     cfg = load_config(profile=profile, overrides=overrides)
-    return json.dumps(cfg.as_dict(), sort_keys=True)
+    return json.dumps({**cfg.as_dict(), EXPLICIT_KEY: list(cfg.explicit)}, sort_keys=True)
 
 
 def config_from_json(text: str) -> SegpipeConfig:
+    """The run's config from `resolve_run_config`'s JSON, with the fields the user set."""
     values = json.loads(text)
+    explicit = values.pop(EXPLICIT_KEY)
     base = load_config(profile=values["profile"])
-    return with_overrides(base, {k: v for k, v in values.items() if k != "profile"})
+    cfg = with_overrides(base, {k: v for k, v in values.items() if k != "profile"}, explicit=False)
+    return dataclasses.replace(cfg, explicit=tuple(explicit))
 
 
 def _as_path_or_value(value: Any) -> Optional[str]:
@@ -132,11 +144,17 @@ def example_validator(config: str, statistics: Input[Artifact], schema: Input[Ar
                     previous_statistics=previous_statistics, anomalies=anomalies)
 
 
-def transform(config: str, examples: Input[Dataset], schema: Input[Artifact],
+def plan(config: str, statistics: Input[Artifact], examples: Input[Dataset], plan: Output[Artifact]) -> str:
+    from segpipe.pipeline.kubeflow import run_node
+
+    return run_node("plan", config, statistics=statistics, examples=examples, plan=plan)
+
+
+def transform(config: str, examples: Input[Dataset], schema: Input[Artifact], plan: Input[Artifact],
               transformed_examples: Output[Dataset], transform_graph: Output[Artifact]) -> str:
     from segpipe.pipeline.kubeflow import run_node
 
-    return run_node("transform", config, examples=examples, schema=schema,
+    return run_node("transform", config, examples=examples, schema=schema, plan=plan,
                     transformed_examples=transformed_examples, transform_graph=transform_graph)
 
 
@@ -147,11 +165,11 @@ def latest_model(config: str) -> str:
 
 
 def trainer(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact], base_model: str,
-            model: Output[Model], model_run: Output[Artifact]) -> str:
+            plan: Input[Artifact], model: Output[Model], model_run: Output[Artifact]) -> str:
     from segpipe.pipeline.kubeflow import run_node
 
     return run_node("trainer", config, transformed_examples=transformed_examples, transform_graph=transform_graph,
-                    base_model=base_model, model=model, model_run=model_run)
+                    base_model=base_model, plan=plan, model=model, model_run=model_run)
 
 
 def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseline_model: str,
@@ -190,7 +208,7 @@ def pusher(config: str, model: Input[Model], blessing: Input[Artifact], evaluati
 
 COMPONENT_FUNCTIONS: dict[str, Callable[..., Any]] = {
     fn.__name__: fn
-    for fn in (example_gen, statistics_gen, schema_gen, previous_statistics, example_validator, transform,
+    for fn in (example_gen, statistics_gen, schema_gen, previous_statistics, example_validator, plan, transform,
                latest_model, trainer, evaluator, infra_validator, pusher)
 }
 
@@ -229,7 +247,21 @@ def config_overrides(cfg: SegpipeConfig) -> dict[str, Any]:
         return out
 
     mine, base = flatten(cfg.as_dict()), flatten(load_config(profile=cfg.profile).as_dict())
-    return {k: v for k, v in mine.items() if k != "profile" and base.get(k) != v}
+    # A field the user set stays set even at its default value, so the plan keeps it in the pods too.
+    return {k: v for k, v in mine.items() if k != "profile" and (base.get(k) != v or k in cfg.explicit)}
+
+
+def trainer_device(cfg: SegpipeConfig) -> str:
+    """The device the plan assumes: `train.device`, or for `auto` the trainer pod's requested GPUs or
+    CPU cores (the Plan task runs on a CPU pod and cannot see them)."""
+    kf = cfg.kubeflow
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    if kf.accelerator_type and kf.accelerator_limit > 0:
+        return f"gpu:{kf.accelerator_limit}"
+    cores = float(kf.trainer_cpu_request[:-1]) / 1000 if kf.trainer_cpu_request.endswith("m") else float(
+        kf.trainer_cpu_request)
+    return f"cpu:{max(1, int(cores))}"
 
 
 def parse_toleration(text: str) -> dict[str, Optional[str]]:
@@ -297,7 +329,7 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
         check_component(node, component)
         components[node.name] = component
     config_component = dsl.component(make_config, base_image=image, install_kfp_package=False)
-    base_config = json.dumps(config_overrides(cfg), sort_keys=True)
+    base_config = json.dumps({**config_overrides(cfg), "train.device": trainer_device(cfg)}, sort_keys=True)
 
     defaults = run_parameter_defaults(cfg)
 
@@ -346,11 +378,14 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
 
 
 def run_parameter_defaults(cfg: SegpipeConfig) -> dict[str, Any]:
-    """Pipeline parameters and their compile-time defaults (span -1 = the latest span)."""
+    """Pipeline parameters and their compile-time defaults (span -1 = the latest span; epochs and
+    image size NOT_SET unless the compiled config set them)."""
     values: dict[str, Any] = {"profile": cfg.profile}
     for name, (dotted, kind) in RUN_PARAMETERS.items():
         section, _, fld = dotted.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, fld)
+        if dotted in PLANNED_FIELDS and dotted not in cfg.explicit:
+            value = NOT_SET
         values[name] = kind(-1 if value is None else value)
     return values
 

@@ -1,15 +1,16 @@
 """The segpipe DAG, declared once.
 
-ExampleGen -> StatisticsGen -> schema import -> ExampleValidator -> Transform -> Trainer (warm start
-from the latest blessed model) -> Evaluator (baseline: the same model) -> InfraValidator (the blessed
-model loaded the way a model server loads it) -> Pusher (only if both blessed).
+ExampleGen -> StatisticsGen -> schema import -> ExampleValidator -> Plan (the recipe fitted to the
+data and the budget) -> Transform -> Trainer (warm start from the latest blessed model) -> Evaluator
+(baseline: the same model) -> InfraValidator (the blessed model loaded the way a model server loads
+it) -> Pusher (only if both blessed).
 
 `create_pipeline(cfg)` returns the nodes in execution order. A node names the real component
 function, which of its arguments are input artifacts (references to other nodes' outputs), which are
 output artifacts (and their types), and how the config maps to its plain parameters. Two resolver
 nodes (the latest blessed model, the statistics that model was trained on) read the serving dir, so
 the local runner and Kubeflow apply the same rule. Both runners call `execute_node`; neither has its
-own copy of the wiring.
+own copy of the wiring, nor of how the plan reaches Transform and the Trainer (`planned_config`).
 """
 from __future__ import annotations
 
@@ -26,17 +27,19 @@ from segpipe.components.evaluator import evaluate_model
 from segpipe.components.example_gen import resolve_spans, run_example_gen
 from segpipe.components.example_validator import validate_examples
 from segpipe.components.infra_validator import validate_infra
+from segpipe.components.plan import PLANNED_FIELDS, make_plan, read_overrides, resolve_device
 from segpipe.components.core.serving import SERVING_INFO_FILE, latest_blessed_model
 from segpipe.components.pusher import push_model
 from segpipe.components.schema_gen import import_schema
 from segpipe.components.statistics_gen import generate_statistics
 from segpipe.components.trainer import train_model
 from segpipe.components.transform import run_transform
-from segpipe.pipeline.config import SegpipeConfig
+from segpipe.pipeline.config import SegpipeConfig, with_overrides
 
 log = logging.getLogger(__name__)
 
 BACKUPS_DIR = ".trainer_backups"  # under the pipeline root: BackupAndRestore state per execution
+PLAN_INPUT = "plan"  # the context ref of a node whose parameters the plan's overrides feed
 
 # Run parameters: what a user changes per run (CLI flags locally, pipeline parameters on Kubeflow),
 # mapped to the config field each one sets. `span` -1 means "the latest span".
@@ -72,7 +75,9 @@ class Node:
     """One step: a component function plus its wiring.
 
     `inputs`/`outputs` map the function's argument names to refs / artifact types. `context` refs
-    are fingerprinted inputs seen only by `runtime` (the pusher's run record). `params(cfg)` gives
+    are fingerprinted inputs the function does not take: `runtime` sees them (the pusher's run
+    record), and a `plan` ref makes `execute_node` apply the Plan's overrides to the config before
+    `params` (Transform, Trainer), so they key the cache and link the plan in ML Metadata. `params(cfg)` gives
     the plain, cache-keyed parameters; `runtime(cfg, ctx)` the per-run ones. A resolver has no
     outputs and returns a value (a path or None), typed `value_type` in ML Metadata.
     """
@@ -150,6 +155,27 @@ def _example_gen_params(cfg: SegpipeConfig) -> dict[str, Any]:
         "min_image_size": cfg.data.min_image_size,
         "skip_bad_records": cfg.data.skip_bad_records,
         "beam_args": _beam(cfg),
+    }
+
+
+def config_value(cfg: SegpipeConfig, dotted: str) -> Any:
+    """The value of a dotted field (`train.epochs`)."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _plan_params(cfg: SegpipeConfig) -> dict[str, Any]:
+    """The plan's inputs from the config: what it may choose (with the configured values), what the
+    user set, and the device: detected here for `auto` (the local runner trains on this machine)."""
+    return {
+        "budget_minutes": cfg.train.budget_minutes,
+        "device": str(resolve_device(cfg.train.device)),
+        "explicit": [name for name in PLANNED_FIELDS if name in cfg.explicit],
+        "base": {name: config_value(cfg, name) for name in PLANNED_FIELDS},
+        "profile": cfg.profile,
+        "num_classes": cfg.data.num_classes,
     }
 
 
@@ -251,6 +277,17 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
             outputs={"anomalies_uri": artifacts.ANOMALIES},
         ),
         Node(
+            "plan",
+            make_plan,
+            _plan_params,
+            inputs={
+                "statistics_uri": Ref("statistics_gen", "statistics_uri"),
+                "examples_uri": Ref("example_gen", "examples_uri"),
+            },
+            outputs={"plan_uri": artifacts.PLAN},
+            after=("example_validator",),
+        ),
+        Node(
             "transform",
             run_transform,
             lambda cfg: {
@@ -262,6 +299,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
                 "examples_uri": Ref("example_gen", "examples_uri"),
                 "schema_uri": Ref("schema_gen", "schema_uri"),
             },
+            context={PLAN_INPUT: Ref("plan", "plan_uri")},
             outputs={
                 "transformed_examples_uri": artifacts.TRANSFORMED_EXAMPLES,
                 "transform_graph_uri": artifacts.TRANSFORM_GRAPH,
@@ -284,6 +322,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
                 **base_model,
             },
             outputs={"model_uri": artifacts.MODEL, "model_run_uri": artifacts.MODEL_RUN},
+            context={PLAN_INPUT: Ref("plan", "plan_uri")},
             runtime=_trainer_runtime,
             gpu=True,
         ),
@@ -367,6 +406,16 @@ def nodes_by_name(nodes: list[Node]) -> dict[str, Node]:
     return {node.name: node for node in nodes}
 
 
+def planned_config(node: Node, cfg: SegpipeConfig, inputs: Mapping[str, str | None]) -> SegpipeConfig:
+    """`cfg` with the Plan's overrides applied when the node takes the plan; else `cfg` itself."""
+    if PLAN_INPUT not in node.context:
+        return cfg
+    plan_uri = inputs.get(PLAN_INPUT)
+    if plan_uri is None:
+        raise ValueError(f"{node.name}: the plan input is missing")
+    return with_overrides(cfg, read_overrides(plan_uri), explicit=False)
+
+
 def execute_node(
     node: Node,
     cfg: SegpipeConfig,
@@ -375,6 +424,7 @@ def execute_node(
     ctx: NodeContext,
 ) -> Any:
     """Call the node's component function: the one call both runners make."""
+    cfg = planned_config(node, cfg, inputs)
     kwargs: dict[str, Any] = {**node.params(cfg)}
     kwargs.update({name: inputs.get(name) for name in node.inputs})
     kwargs.update(outputs)

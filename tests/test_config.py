@@ -29,7 +29,9 @@ BAD_CONFIGS = [
     ("bad yaml", "train:\n  epochs: [1, 2\n", "not valid YAML"),
     ("unsafe yaml tag", "train: !!python/object/apply:os.system ['echo unsafe']\n", "not valid YAML"),
     ("not a mapping", "- a\n- b\n", "expected a mapping of sections, got list"),
-    ("unknown profile", "profile: huge\n", "profile: 'huge' is not one of demo, seed"),
+    ("unknown profile", "profile: huge\n", "profile: 'huge' is not one of auto, demo, seed"),
+    ("bad device", "train:\n  device: tpu\n", "train.device: 'tpu' is not auto, cpu:N or gpu:N"),
+    ("no budget", "train:\n  budget_minutes: 0\n", "train.budget_minutes: 0.0 is below the minimum 0.5"),
 ]
 
 
@@ -65,7 +67,7 @@ def test_missing_config_file(tmp_path, capsys):
     "override, message",
     [
         ("train.epochs=-1", "train.epochs: -1 is below the minimum 1"),
-        ("model.depth=7", "transform.image_size: 64 is not divisible by 2**model.depth = 128"),
+        ("model.depth=8", "transform.image_size: 128 is not divisible by 2**model.depth = 256"),
         ("train.nope=1", "train.nope: unknown key"),
         ("epochs", "expected SECTION.FIELD=VALUE"),
     ],
@@ -76,7 +78,8 @@ def test_cli_set_overrides_are_validated(capsys, override, message):
 
 
 def test_profiles_and_layers(tmp_path):
-    demo = load_config()
+    assert load_config().profile == "auto"  # no preset: the plan step chooses from the data
+    demo = load_config(profile="demo")
     assert demo.profile == "demo"
     assert (demo.transform.image_size, demo.model.base_filters, demo.model.depth) == (64, 16, 3)
     assert demo.model.batch_norm is True
@@ -118,7 +121,7 @@ def test_default_yaml_is_safe_loadable_package_data_and_complete():
 
     text = (resources.files("segpipe.pipeline") / "default.yaml").read_text()
     raw = yaml.safe_load(text)
-    fields = {f.name for f in dataclasses.fields(load_config())}
+    fields = {f.name for f in dataclasses.fields(load_config()) if not f.metadata.get("derived")}
     assert set(raw) == fields
     assert Path(str(resources.files("segpipe.pipeline") / "profiles" / "demo.yaml")).is_file()
 
@@ -128,3 +131,18 @@ def test_cli_config_show_prints_the_effective_config(capsys):
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["profile"] == "seed" and shown["train"]["epochs"] == 3
     assert shown["model"]["base_filters"] == 64
+
+
+def test_explicit_names_what_the_user_set_and_nothing_else(tmp_path):
+    assert load_config().explicit == ()
+    assert load_config(profile="seed").explicit == ()  # a profile's preset is not the user's setting
+    user = tmp_path / "mine.yaml"
+    user.write_text("profile: demo\nmodel:\n  depth: 3\nkubeflow:\n  gpu_node_selector: {pool: gpu}\n")
+    cfg = load_config(user, overrides={"train.epochs": 20, "train": {"loss": "bce"}})
+    assert cfg.explicit == ("kubeflow.gpu_node_selector", "model.depth", "train.epochs", "train.loss")
+    assert "explicit" not in cfg.as_dict()  # not a config value: `segpipe config` output loads again
+
+    flagged = with_overrides(cfg, {"transform.image_size": 96})  # the run flags of `segpipe run`
+    assert "transform.image_size" in flagged.explicit and flagged.transform.image_size == 96
+    planned = with_overrides(cfg, {"train.batch_size": 8}, explicit=False)  # the plan's own overrides
+    assert planned.train.batch_size == 8 and planned.explicit == cfg.explicit

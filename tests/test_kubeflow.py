@@ -79,7 +79,7 @@ def test_compiled_yaml_carries_image_gpu_tolerations_retries_and_parameters(gpu_
 
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"profile", *RUN_PARAMETERS}
-    assert params["span"]["defaultValue"] == -1 and params["epochs"]["defaultValue"] == gpu_cfg.train.epochs
+    assert params["span"]["defaultValue"] == -1 and params["epochs"]["defaultValue"] == 0  # 0: not set, planned
     assert params["pixel_accuracy_threshold"]["parameterType"] == "NUMBER_DOUBLE"
 
     assert "hunter2-not-in-yaml" not in text

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Artifact types (the names ML Metadata and Kubeflow see).
 EXAMPLES = "Examples"
 STATISTICS = "ExampleStatistics"
+PLAN = "Plan"
 SCHEMA = "Schema"
 ANOMALIES = "ExampleAnomalies"
 TRANSFORM_GRAPH = "TransformGraph"

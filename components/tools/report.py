@@ -3,7 +3,7 @@
 The grid is the tutorial's figure (input, true mask, predicted mask per row), best and worst test
 examples. The report gathers, from the artifacts of one run: the gate with every check, the
 metrics against the baseline, IoU and Dice per class with the confusion matrix, the prediction
-grid, the training curves and history, a data summary (examples per split, quarantined and
+grid, the training curves and history, the plan (every planned or set field and why), a data summary (examples per split, quarantined and
 skipped records and why, image sizes, validation anomalies), the infra validation (how the model
 served in a TensorFlow-only process), where the model was pushed, and a link to every artifact.
 Images are embedded as data URIs and there is no script, so the report is one file that opens
@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from segpipe.components import evaluator, example_validator, statistics_gen, trainer
+from segpipe.components import evaluator, example_validator, plan, statistics_gen, trainer
 from segpipe.components.core import artifacts
 from segpipe.components.core import metrics as seg_metrics
 from segpipe.components.core.data_format import LABELS_FILE, read_labels
@@ -48,11 +48,12 @@ METRICS = "Metrics"
 PER_CLASS = "Per-class metrics"
 PREDICTIONS = "Predictions"
 TRAINING = "Training"
+PLAN = "Plan"
 DATA = "Data"
 INFRA = "Infra validation"
 PUSH = "Push"
 ARTIFACTS = "Artifacts"
-SECTION_TITLES = (GATE, METRICS, PER_CLASS, PREDICTIONS, TRAINING, DATA, INFRA, PUSH, ARTIFACTS)
+SECTION_TITLES = (GATE, METRICS, PER_CLASS, PREDICTIONS, TRAINING, PLAN, DATA, INFRA, PUSH, ARTIFACTS)
 
 METRIC_ROWS = (
     (seg_metrics.PIXEL_ACCURACY, "Pixel accuracy"),
@@ -345,6 +346,26 @@ def training_section(model_run_uri: str | os.PathLike | None) -> str:
     return summary + image + table
 
 
+# ------------------------------------------------------------------ plan
+
+
+def plan_section(plan_uri: str | os.PathLike | None) -> str:
+    """The recipe the Plan step fixed: every field with its value, where it came from and why."""
+    if plan_uri is None:
+        return "<p>No Plan artifact given.</p>"
+    document = _read_json(Path(plan_uri) / plan.PLAN_FILE)
+    if document is None:
+        return f"<p>No {_esc(plan.PLAN_FILE)} in the Plan artifact.</p>"
+    estimate = document.get("estimate") or {}
+    over = "" if estimate.get("within_budget", True) else " (over the budget)"
+    rows = [[f"<code>{_esc(c.get('field'))}</code>", _esc(json.dumps(c.get("value"))), _esc(c.get("source")),
+             _esc(c.get("reason"))] for c in document.get("choices") or []]
+    return (f"<p>Profile {_esc(document.get('profile'))}, planned for {_esc(document.get('device'))} within "
+            f"{_fmt(document.get('budget_minutes'))} minutes: estimated {_fmt(estimate.get('minutes'))} minutes of "
+            f"training, {_fmt(estimate.get('steps'))} steps{over}.</p>"
+            + _table(["Field", "Value", "From", "Why"], rows))
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -533,6 +554,7 @@ def write_run_report(
     anomalies_uri: str | os.PathLike | None = None,
     model_run_uri: str | os.PathLike | None = None,
     examples_uri: str | os.PathLike | None = None,
+    plan_uri: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     run_id: str = "",
     message: str = "",
@@ -541,7 +563,7 @@ def write_run_report(
     """Write the run's HTML report from its artifacts (atomically); returns its path.
 
     `data_root` is where labels.json names the classes; `artifact_links` indexes every artifact of
-    the run (default: the artifacts passed here).
+    the run (default: the artifacts passed here); without `plan_uri` the Plan is the one they list.
     """
     out_path = Path(out_path)
     base_dir = out_path.parent.resolve()
@@ -552,14 +574,16 @@ def write_run_report(
     links = artifact_links or given_artifacts({
         "examples": examples_uri, "statistics": statistics_uri, "anomalies": anomalies_uri,
         "model_run": model_run_uri, "evaluation": evaluation_uri, "blessing": blessing_uri,
-        "infra_blessing": infra_blessing_uri, "pushed_model": pushed_model_uri,
+        "infra_blessing": infra_blessing_uri, "pushed_model": pushed_model_uri, "plan": plan_uri,
     })
+    plan_uri = plan_uri or next((link.uri for link in links if link.type == artifacts.PLAN), None)
     builders: dict[str, Callable[[], str]] = {
         GATE: lambda: gate_section(metrics, blessing),
         METRICS: lambda: metrics_section(metrics),
         PER_CLASS: lambda: per_class_section(metrics, data_root),
         PREDICTIONS: lambda: predictions_section(evaluation_uri, metrics),
         TRAINING: lambda: training_section(model_run_uri),
+        PLAN: lambda: plan_section(plan_uri),
         DATA: lambda: data_section(examples_uri, statistics_uri, anomalies_uri, base_dir),
         INFRA: lambda: infra_section(infra_blessing_uri),
         PUSH: lambda: push_section(pushed_model_uri, base_dir),
