@@ -395,6 +395,8 @@ def _pipeline_config(args: argparse.Namespace) -> SegpipeConfig:
     cfg = config_from_args(args)
     overrides = {RUN_PARAMETERS[param][0]: getattr(args, flag)
                  for flag, param in _RUN_FLAGS.items() if getattr(args, flag, None) is not None}
+    if getattr(args, "force", False):  # the run parameter Kubeflow exposes as require_new_span=false
+        overrides[RUN_PARAMETERS["require_new_span"][0]] = False
     return with_overrides(cfg, overrides) if overrides else cfg
 
 
@@ -407,7 +409,7 @@ def _run_pipeline_cmd(args: argparse.Namespace) -> int:
     if demo:
         print(f"no data given: generated the built-in demo dataset ({args.demo_size} synthetic images) at {demo}; "
               "pass --data PATTERN to train on your own")
-    result = run_pipeline(cfg, no_cache=args.no_cache, force=args.force, progress=print)
+    result = run_pipeline(cfg, no_cache=args.no_cache, progress=print)
     print(f"run {result.run_id}: {result.status}" + (f" ({result.message})" if result.message else ""))
     if result.report_path:
         print(f"report: {result.report_path}")
@@ -420,7 +422,6 @@ def _run_pipeline_cmd(args: argparse.Namespace) -> int:
 
 def _existing_metadata(args: argparse.Namespace):
     """The root's ML Metadata store; a read command never creates one on a root without runs."""
-    from pathlib import Path
 
     from segpipe.pipeline.metadata import Metadata
 
@@ -578,7 +579,7 @@ def _add_pipeline_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="training epochs (default: train.epochs)")
     p.add_argument("--image-size", type=int, help="square model input in pixels (default: transform.image_size)")
     p.add_argument("--no-cache", action="store_true", help="rerun every step even when a cached result matches")
-    p.add_argument("--force", action="store_true", help="train even when no span is newer than the serving model's")
+    p.add_argument("--force", action="store_true", help="train even when no span is newer than every serving version's (data.require_new_span=false)")
     p.add_argument("--demo", action="store_true",
                    help="train on the built-in demo data (generated under <root>/data if missing); "
                         "a plain `segpipe run` naming no data does the same")

@@ -52,6 +52,7 @@ class DataConfig:
     num_classes: int = field(metadata=_rng(2, 254))  # class ids 0..K-1, 0 = background
     min_image_size: int = field(metadata=_rng(1))
     skip_bad_records: bool
+    require_new_span: bool  # false: train even without a span newer than every serving version's
     splits: SplitConfig
 
 

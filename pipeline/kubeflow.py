@@ -33,6 +33,7 @@ from segpipe.pipeline.pipeline import (
     NodeContext,
     Ref,
     artifact_name,
+    check_new_data,
     create_pipeline,
     execute_node,
     nodes_by_name,
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 CONFIG_TASK = "config"
+NEW_DATA_TASK = "new-data"  # gates every step: the local runner's "no new data" rule
 EXPLICIT_KEY = "explicit"  # in the run's config JSON: the fields the user set (the plan keeps them)
 NOT_SET = 0  # the default of a run parameter the plan may choose: "use the config's value"
 
@@ -69,6 +71,18 @@ def config_from_json(text: str) -> SegpipeConfig:
     base = load_config(profile=values["profile"])
     cfg = with_overrides(base, {k: v for k, v in values.items() if k != "profile"}, explicit=False)
     return dataclasses.replace(cfg, explicit=tuple(explicit))
+
+
+def run_new_data_check(config: str) -> str:
+    """The first task of every run: the local runner's rule (`check_new_data`), as JSON.
+
+    A scheduled run whose serving versions were already trained on the latest span (after a
+    rollback too) trains nothing: every step sits inside `dsl.If(new)`.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    new, reason = check_new_data(config_from_json(config))
+    logging.getLogger(__name__).info("new data: %s (%s)", new, reason)
+    return json.dumps({"new": new, "reason": reason})
 
 
 def _as_path_or_value(value: Any) -> Optional[str]:
@@ -104,12 +118,21 @@ def run_node(name: str, config: str, **arguments: Any) -> str:
 
 
 def make_config(base_config: str, profile: str, input_pattern: str, span: int, pixel_accuracy_threshold: float,
-                epochs: int, image_size: int, root: str) -> str:
+                epochs: int, image_size: int, root: str, require_new_span: bool) -> str:
     from segpipe.pipeline.kubeflow import resolve_run_config
 
     return resolve_run_config(base_config, profile, {
         "input_pattern": input_pattern, "span": span, "pixel_accuracy_threshold": pixel_accuracy_threshold,
-        "epochs": epochs, "image_size": image_size, "root": root})
+        "epochs": epochs, "image_size": image_size, "root": root, "require_new_span": require_new_span})
+
+
+def new_data(config: str) -> NamedTuple("NewDataOutputs", [("result", str), ("new", bool)]):
+    import json
+
+    from segpipe.pipeline.kubeflow import run_new_data_check
+
+    result = run_new_data_check(config)
+    return (result, bool(json.loads(result)["new"]))
 
 
 def example_gen(config: str, examples: Output[Dataset]) -> str:
@@ -329,6 +352,7 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
         check_component(node, component)
         components[node.name] = component
     config_component = dsl.component(make_config, base_image=image, install_kfp_package=False)
+    new_data_component = dsl.component(new_data, base_image=image, install_kfp_package=False)
     base_config = json.dumps({**config_overrides(cfg), "train.device": trainer_device(cfg)}, sort_keys=True)
 
     defaults = run_parameter_defaults(cfg)
@@ -338,6 +362,13 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
         config_task = config_component(base_config=base_config, **params)
         config_task.set_cpu_request(cfg.kubeflow.cpu_request).set_memory_request(cfg.kubeflow.memory_request)
         config_task.set_display_name(CONFIG_TASK)
+        check_task = new_data_component(config=config_task.output)
+        check_task.set_cpu_request(cfg.kubeflow.cpu_request).set_memory_request(cfg.kubeflow.memory_request)
+        check_task.set_caching_options(enable_caching=False)  # reads the serving dir, which changes
+        check_task.set_display_name(NEW_DATA_TASK)
+        gate = dsl.If(check_task.outputs["new"] == True) if with_condition else None  # noqa: E712
+        if gate is not None:
+            gate.__enter__()
         tasks: dict[str, dsl.PipelineTask] = {}
         scopes = condition_scopes(nodes) if with_condition else {}
         entered: list[tuple[Ref, Any]] = []  # the dsl.If contexts open now, outermost first
@@ -364,6 +395,8 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
             tasks[node.name] = task
         while entered:
             entered.pop()[1].__exit__(None, None, None)
+        if gate is not None:
+            gate.__exit__(None, None, None)
 
     segpipe_pipeline.__signature__ = inspect.Signature([
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value, annotation=type(value))

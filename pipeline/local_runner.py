@@ -28,7 +28,6 @@ from segpipe.components.core.errors import (
     NotBlessedError,
     SegpipeError,
 )
-from segpipe.components.example_gen import resolve_spans
 from segpipe.components.pusher import list_versions
 from segpipe.pipeline import console
 from segpipe.pipeline import metadata as md
@@ -38,10 +37,10 @@ from segpipe.pipeline.pipeline import (
     Node,
     NodeContext,
     artifact_name,
+    check_new_data,
     create_pipeline,
     execute_node,
     scratch_dir,
-    trained_spans,
 )
 
 log = logging.getLogger(__name__)
@@ -285,26 +284,6 @@ def summarize(result: Any) -> str:
 # ------------------------------------------------------------------ segpipe run
 
 
-def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
-    """Is there a span newer than every span a serving version was trained on?
-
-    Every version counts, not only the latest: after `segpipe serving rollback`, the latest version
-    is an older model, and the data the withdrawn versions were trained on is not new.
-    """
-    versions = list_versions(cfg.serving_dir)
-    if not versions:
-        return True, "no model pushed yet"
-    newest = {entry["version"]: max(spans) for entry in versions if (spans := trained_spans(entry["info"]))}
-    if not newest:
-        return True, "the serving versions do not record their spans"
-    seen = max(newest.values())
-    spans = resolve_spans(cfg.input_pattern, cfg.data.span, cfg.data.num_spans)
-    if max(spans) > seen:
-        return True, f"span {max(spans)} is newer than span {seen}, the newest any serving version was trained on"
-    by = max(version for version, span in newest.items() if span == seen)
-    return False, f"no new data: latest span {max(spans)}; serving version {by} was already trained on span {seen}"
-
-
 def data_source_given(cfg: SegpipeConfig) -> bool:
     """Did the user name any data (`--data`, `data.root` or `data.input_pattern` in any layer)?"""
     default = load_config().data
@@ -399,7 +378,6 @@ def run_pipeline(
     *,
     nodes: list[Node] | None = None,
     no_cache: bool = False,
-    force: bool = False,
     run_id: str | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> RunResult:
@@ -421,7 +399,7 @@ def run_pipeline(
         runner.metadata.start_run(cfg.pipeline_name, run.run_id, {"root": str(root), "profile": cfg.profile,
                                                                   "config": cfg.as_dict()})
         try:
-            if nodes is None and not force:
+            if nodes is None:
                 new, why = check_new_data(cfg)
                 if not new:
                     run.status, run.message = "no_new_data", why

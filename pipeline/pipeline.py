@@ -29,7 +29,7 @@ from segpipe.components.example_validator import validate_examples
 from segpipe.components.infra_validator import validate_infra
 from segpipe.components.plan import PLANNED_FIELDS, make_plan, read_overrides, resolve_device
 from segpipe.components.core.serving import SERVING_INFO_FILE, latest_blessed_model
-from segpipe.components.pusher import push_model
+from segpipe.components.pusher import list_versions, push_model
 from segpipe.components.schema_gen import import_schema
 from segpipe.components.statistics_gen import generate_statistics
 from segpipe.components.trainer import train_model
@@ -50,6 +50,7 @@ RUN_PARAMETERS: dict[str, tuple[str, type]] = {
     "epochs": ("train.epochs", int),
     "image_size": ("transform.image_size", int),
     "root": ("root", str),
+    "require_new_span": ("data.require_new_span", bool),
 }
 
 
@@ -118,6 +119,29 @@ def trained_spans(info: Mapping[str, Any]) -> list[int]:
         if holder.get("spans"):
             return [int(s) for s in holder["spans"]]
     return []
+
+
+def check_new_data(cfg: SegpipeConfig) -> tuple[bool, str]:
+    """Should this run train? The one rule both runners apply before the DAG's steps.
+
+    Only for a span newer than every span a serving version was trained on: every version counts,
+    not only the latest, so after `segpipe serving rollback` the withdrawn versions' data is not
+    new. `data.require_new_span: false` (`segpipe run --force`) trains anyway.
+    """
+    if not cfg.data.require_new_span:
+        return True, "data.require_new_span is false: training without new data"
+    versions = list_versions(cfg.serving_dir)
+    if not versions:
+        return True, "no model pushed yet"
+    newest = {entry["version"]: max(spans) for entry in versions if (spans := trained_spans(entry["info"]))}
+    if not newest:
+        return True, "the serving versions do not record their spans"
+    seen = max(newest.values())
+    spans = resolve_spans(cfg.input_pattern, cfg.data.span, cfg.data.num_spans)
+    if max(spans) > seen:
+        return True, f"span {max(spans)} is newer than span {seen}, the newest any serving version was trained on"
+    by = max(version for version, span in newest.items() if span == seen)
+    return False, f"no new data: latest span {max(spans)}; serving version {by} was already trained on span {seen}"
 
 
 def resolve_previous_statistics(serving_dir: str) -> str | None:

@@ -41,7 +41,7 @@ def test_compiled_yaml_carries_image_gpu_tolerations_retries_and_parameters(gpu_
     spec, platform, text = _compiled(gpu_cfg, tmp_path / "pipeline.yaml")
     executors = spec["deploymentSpec"]["executors"]
     node_names = [n.name for n in create_pipeline(gpu_cfg)]
-    assert {f"exec-{n.replace('_', '-')}" for n in node_names} | {"exec-make-config"} == set(executors)
+    assert {f"exec-{n.replace('_', '-')}" for n in node_names} | {"exec-make-config", "exec-new-data"} == set(executors)
     for name, executor in executors.items():
         container = executor["container"]
         assert container["image"] == IMAGE, name
@@ -60,7 +60,13 @@ def test_compiled_yaml_carries_image_gpu_tolerations_retries_and_parameters(gpu_
         {"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute"},
     ]
 
-    tasks = spec["root"]["dag"]["tasks"]
+    # Every step sits inside dsl.If(new data): the local runner's "no new data" rule, as the first task.
+    root_tasks = spec["root"]["dag"]["tasks"]
+    [gate] = [t for name, t in root_tasks.items() if name.startswith("condition-")]
+    assert set(root_tasks) == {"make-config", "new-data", gate["taskInfo"]["name"]}
+    assert "new-data-new" in gate["triggerPolicy"]["condition"]
+    assert root_tasks["new-data"]["cachingOptions"] == {}  # reads the serving dir: never cached
+    tasks = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
     assert tasks["trainer"]["retryPolicy"]["maxRetryCount"] == 2
     assert tasks["trainer"]["retryPolicy"]["backoffDuration"] == "60s"
     assert tasks["trainer"]["cachingOptions"] == {"enableCache": True}
@@ -89,7 +95,7 @@ def test_compiled_yaml_carries_image_gpu_tolerations_retries_and_parameters(gpu_
 def test_local_build_leaves_out_the_condition(gpu_cfg):
     local = build_pipeline(gpu_cfg, image=IMAGE, with_condition=False)
     spec = local.pipeline_spec
-    assert "pusher" in spec.root.dag.tasks
+    assert "pusher" in spec.root.dag.tasks and "new-data" in spec.root.dag.tasks
     assert not any(name.startswith("condition-") for name in spec.root.dag.tasks)
     assert not spec.root.dag.tasks["pusher"].trigger_policy.condition
 

@@ -95,3 +95,20 @@ def test_new_data_after_a_rollback_trains_against_the_rolled_back_baseline(rolle
     blessing = json.loads((newest / "blessing" / artifacts.BLESSING_FILE).read_text())
     assert Path(blessing["baseline_model"]).resolve() == (root / "serving" / "3").resolve()
     assert json.loads((newest / "evaluation" / artifacts.EVALUATION_FILE).read_text())["baseline"] is not None
+
+
+@pytest.mark.parametrize("require_new_span, expected", [(True, False), (False, True)])
+def test_a_scheduled_kubeflow_run_applies_the_same_rule(rolled_back, require_new_span, expected):
+    # The compiled pipeline's first task gates every step with dsl.If(new); kfp.local 2.13 cannot
+    # run a dsl.If, so the task's function is called with the JSON its config task produces.
+    from segpipe.pipeline import kubeflow
+
+    root, _ = rolled_back
+    config = kubeflow.resolve_run_config(json.dumps({"root": str(root)}), "auto", {
+        "input_pattern": load_config().data.input_pattern, "span": -1, "pixel_accuracy_threshold": 0.0,
+        "epochs": kubeflow.NOT_SET, "image_size": kubeflow.NOT_SET, "root": str(root),
+        "require_new_span": require_new_span})
+    decision = json.loads(kubeflow.run_new_data_check(config))
+    assert decision["new"] is expected
+    if not expected:
+        assert decision["reason"].startswith("no new data")
