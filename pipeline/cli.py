@@ -26,6 +26,8 @@ from segpipe.components.core.errors import (
     EXIT_OK,
     BadInputError,
     SegpipeError,
+    disk_full_error,
+    is_disk_full,
 )
 from segpipe.pipeline import console
 from segpipe.pipeline.config import (
@@ -821,6 +823,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segpipe: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
+        if is_disk_full(exc):
+            print(f"segpipe: {disk_full_error(exc, 'running segpipe ' + args.command)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if exc.filename is None:  # not about a path the user gave: an internal failure, traceback
             raise
         # An output folder that cannot be created or written (read-only, a file in the way, ...).
@@ -829,6 +834,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segpipe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a full disk anywhere (a rollback's copy, a checkpoint write) is one line
+        if not is_disk_full(exc):
+            raise
+        print(f"segpipe: {disk_full_error(exc, 'running segpipe ' + args.command)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -25,8 +25,11 @@ from segpipe.components.core.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     BadInputError,
+    DiskFullError,
     NotBlessedError,
     SegpipeError,
+    disk_full_error,
+    is_disk_full,
 )
 from segpipe.components.pusher import list_versions
 from segpipe.pipeline import console
@@ -410,6 +413,8 @@ def run_pipeline(
                 progress(f"training: {why}")
             run.steps = runner.run()
         except BaseException as exc:
+            if not isinstance(exc, SegpipeError) and is_disk_full(exc):
+                exc = disk_full_error(exc, f"running {run.run_id}")
             if isinstance(exc, SegpipeError):
                 exit_code = exc.exit_code
             else:
@@ -418,6 +423,8 @@ def run_pipeline(
             runner.metadata.update_run(run.run_id, status=status, message=f"{type(exc).__name__}: {exc}",
                                        exit_code=exit_code, finished=time.time(),
                                        duration=time.time() - started)
+            if isinstance(exc, DiskFullError):
+                raise exc from None
             raise
         finish_run(runner, run, started)
     return run

@@ -6,6 +6,8 @@ the CLI, the local runner's run records and the error classes all use these cons
 """
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_FAILURE = 1  # an internal or training failure
 EXIT_BAD_INPUT = 2  # bad input, configuration or data; also argparse usage errors
@@ -39,3 +41,22 @@ class NotBlessedError(SegpipeError):
     """The candidate model did not pass the evaluation gate; nothing was pushed."""
 
     exit_code = EXIT_NOT_BLESSED
+
+
+class DiskFullError(BadInputError):
+    """The disk filled up: nothing half-written was published, completed steps stay cached."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as an OSError or inside another error's text (shutil.Error's list of
+    failed copies, a TensorFlow OpError from a checkpoint write)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def disk_full_error(exc: BaseException, doing: str) -> DiskFullError:
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    return DiskFullError(f"disk full while {doing}{where}: nothing half-written was kept; free space "
+                         "(e.g. `segpipe gc`) and rerun, completed steps are reused")
