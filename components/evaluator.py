@@ -19,6 +19,12 @@ the same Beam pipeline, and the gate checks the candidate does not regress beyon
 A refused model comes with hints (the blessing's `hints`): its weakest class, whether training
 was still improving when it stopped (from the ModelRun's history, when given), and whether the
 resize to S x S loses too much.
+
+With TFLite variants requested (push.tflite), the candidate is converted here (core/edge.py) into
+the evaluation's `tflite/` folder, each file scored on the same test records with the TFLite
+interpreter, the same native-size rule, and its size and per-image latency recorded; the gate adds
+"tflite <variant> mean IoU drop <= max_tflite_drop" per variant. The Pusher copies these files, so
+the pushed file is the one scored.
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ CLASS_NAMES = "class_names"  # metrics.json: labels.json's name per class id (No
 HINTS = "hints"  # blessing.json and metrics.json: what to try next for a refused model
 NATIVE, MODEL_SIZE = 0, 1  # the two confusion matrices of every score, stacked
 SCALARS = seg_metrics.SCALAR_METRICS
+TFLITE = "tflite"  # metrics.json: per variant its file, size, latency, metrics and drop
+TFLITE_DROP = "mean_iou_drop"  # candidate native mean IoU minus the variant's
 
 
 # ------------------------------------------------------------------ the gate
@@ -126,11 +134,14 @@ def gate_checks(
     min_foreground_iou: float,
     max_regression: float,
     min_class_iou: float | None,
+    max_tflite_drop: float | None = None,
 ) -> list[dict[str, Any]]:
     """Every check of the gate, passed or not: {name, metric, value, bound, passed, reason}.
 
     The blessing stores them all, so the report shows the whole gate and not only its failures.
-    `min_class_iou` None leaves out the per-class checks (artifacts from before they existed).
+    `min_class_iou` None leaves out the per-class checks (artifacts from before they existed), and
+    `max_tflite_drop` None the TFLite checks (no variant requested, or artifacts from before them);
+    otherwise every variant in metrics' `tflite` is checked.
     """
     checks = []
     minimums = ((seg_metrics.PIXEL_ACCURACY, "pixel accuracy", pixel_accuracy_threshold, "threshold"),
@@ -157,6 +168,25 @@ def gate_checks(
                       f"(max regression {max_regression:.3f})")
         checks.append({"name": f"{name} regression vs baseline", "metric": key, "value": value,
                        "bound": base - max_regression, "passed": not reason, "reason": reason})
+    if max_tflite_drop is not None:
+        checks.extend(tflite_checks(metrics.get(TFLITE) or {}, max_tflite_drop))
+    return checks
+
+
+def tflite_checks(tflite: dict[str, dict[str, Any]], max_tflite_drop: float) -> list[dict[str, Any]]:
+    """One check per TFLite variant: the candidate's native mean IoU minus the variant's <= the bound."""
+    checks = []
+    for variant, result in tflite.items():
+        drop = result.get(TFLITE_DROP)
+        if drop is None:
+            reason = f"tflite {variant} mean IoU drop is undefined (no labelled pixels in the test split)"
+        else:
+            shown, limit = _pair(drop, max_tflite_drop)
+            reason = (f"tflite {variant} mean IoU drop {shown} > maximum {limit}"
+                      if drop > max_tflite_drop + REGRESSION_TOLERANCE else "")
+        checks.append({"name": f"tflite {variant} mean IoU drop <= max_tflite_drop", "metric": TFLITE_DROP,
+                       "variant": variant, "value": drop, "bound": max_tflite_drop, "passed": not reason,
+                       "reason": reason})
     return checks
 
 
@@ -470,6 +500,66 @@ def run_evaluation_pipeline(files: list[str], models: dict[str, tuple[str, int]]
     return results
 
 
+# ------------------------------------------------------------------ TFLite variants
+
+
+def read_records(files: Sequence[str], limit: int | None = None) -> list[tuple[str, bytes, bytes]]:
+    """(id, image bytes, mask bytes) of the records in GZIP TFRecord shards, in file order."""
+    import tensorflow as tf
+
+    dataset = tf.data.TFRecordDataset(list(files), compression_type="GZIP")
+    if limit is not None:
+        dataset = dataset.take(limit)
+    return [parse_test_record(record) for record in dataset.as_numpy_iterator()]
+
+
+def score_tflite(path: Path, records: Sequence[tuple[str, bytes, bytes]], num_classes: int) -> dict[str, Any]:
+    """Native and model-size metrics of one TFLite file, with the rule `score_example` applies."""
+    from segpipe.components.core import edge
+    from segpipe.components.core.serving import class_mask_at_size
+
+    model = edge.EdgeModel(path)
+    size = model.image_size
+    cm = np.zeros((2, num_classes, num_classes), np.int64)
+    latencies = []
+    for example_id, image_bytes, mask_bytes in records:
+        truth = decode_mask(mask_bytes, example_id)
+        probabilities, ms = model.timed_predict(edge.decoded_images([image_bytes], size)[0])
+        latencies.append(ms)
+        try:
+            cm[NATIVE] += seg_metrics.confusion_matrix(truth, class_mask_at_size(probabilities, *truth.shape), num_classes)
+            cm[MODEL_SIZE] += seg_metrics.confusion_matrix(resize_nearest(truth, size),
+                                                           class_mask_at_size(probabilities, size, size), num_classes)
+        except ValueError as exc:
+            raise BadInputError(f"test example {example_id}: {exc}") from None
+    summary = seg_metrics.summarize(cm[NATIVE])
+    summary[seg_metrics.MODEL_RESOLUTION] = seg_metrics.summarize(cm[MODEL_SIZE])
+    summary["latency_ms"] = {"p50": float(np.percentile(latencies, 50)), "mean": float(np.mean(latencies)),
+                             "images": len(latencies), "threads": 1}
+    return summary
+
+
+def evaluate_tflite(model: ModelUnderTest, files: Sequence[str], calibration_files: Sequence[str], out: Path,
+                    variants: Sequence[str], num_classes: int, reference: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Convert the candidate into `out` (core/edge.py) and score every variant against `reference`."""
+    from segpipe.components.core import edge
+
+    records = read_records(files)
+    calibration = [image for _, image, _ in read_records(calibration_files, edge.NUM_CALIBRATION_IMAGES)]
+    written = edge.export_tflite(model.saved_model_dir, out, variants, check_images=[r[1] for r in records],
+                                 calibration_images=calibration)
+    results = {}
+    for variant, file_info in written.items():
+        summary = score_tflite(out / file_info["file"], records, num_classes)
+        base, mine = reference.get(seg_metrics.MEAN_IOU), summary.get(seg_metrics.MEAN_IOU)
+        drop = None if base is None or mine is None else base - mine
+        results[variant] = {"file": f"{edge.TFLITE_DIR}/{file_info['file']}", "bytes": file_info["bytes"],
+                            TFLITE_DROP: drop, **summary}
+        log.info("tflite %s: %d bytes, mean IoU %s (drop %s), p50 %.2f ms/image", variant, file_info["bytes"],
+                 mine, drop, summary["latency_ms"]["p50"])
+    return results
+
+
 # ------------------------------------------------------------------ assembling outputs
 
 
@@ -532,19 +622,28 @@ def evaluate_files(
     min_class_iou: float,
     max_regression: float,
     num_worst_examples: int,
+    tflite_variants: Sequence[str],
+    max_tflite_drop: float,
     beam_args: list[str],
     model_run_uri: str | None = None,
+    calibration_files: list[str] | None = None,
     inputs: tuple[str | None, ...] = (),
 ) -> dict:
     """Evaluate raw example files (see module docstring); publishes ModelEvaluation and ModelBlessing.
 
     `model_run_uri` (the trainer's ModelRun, optional: `segpipe evaluate` has none) lets a refusal
-    say whether training was still improving.
+    say whether training was still improving. `calibration_files` (train records) calibrate the int8
+    TFLite variant; without them (`segpipe evaluate`) the evaluated records do, which is logged.
     """
+    from segpipe.components.core import edge
     from segpipe.components.core.visual import GRID_FILE, plot_prediction_grid
 
     if not files:
         raise BadInputError("no test records to evaluate")
+    tflite_variants = edge.check_variants(tflite_variants)
+    if edge.INT8 in tflite_variants and not calibration_files:
+        log.warning("int8 TFLite calibrated on the evaluated records (no train records given)")
+        calibration_files = files
     models = [describe_model(CANDIDATE, model_uri, num_classes)]
     if baseline_model_uri:
         models.append(describe_model(BASELINE, baseline_model_uri, num_classes))
@@ -553,8 +652,10 @@ def evaluate_files(
         "min_foreground_iou": min_foreground_iou,
         "min_class_iou": min_class_iou,
         "max_regression": max_regression,
+        **({"max_tflite_drop": max_tflite_drop} if tflite_variants else {}),
     }
-    parameters = {**gate, "num_classes": num_classes, "num_worst_examples": num_worst_examples, "beam_args": beam_args}
+    parameters = {**gate, "num_classes": num_classes, "num_worst_examples": num_worst_examples, "beam_args": beam_args,
+                  "tflite_variants": tflite_variants}
     num_keep = max(num_worst_examples, NUM_GRID_EXAMPLES)
     names = class_names(files, num_classes)
     with artifacts.publish(evaluation_uri, artifacts.MODEL_EVALUATION, producer="evaluator", parameters=parameters,
@@ -571,6 +672,9 @@ def evaluate_files(
             raise BadInputError(f"test split has no records ({', '.join(files[:3])})")
         metrics[CLASS_NAMES] = names
         baseline = summaries.get(BASELINE)
+        if tflite_variants:
+            metrics[TFLITE] = evaluate_tflite(models[0], files, calibration_files, out / edge.TFLITE_DIR,
+                                              tflite_variants, num_classes, metrics)
         checks = gate_checks(metrics, baseline, **gate)
         blessed, reasons = verdict(checks)
         hints = [] if blessed else refusal_hints(metrics, *read_training(model_run_uri))
@@ -619,9 +723,13 @@ def evaluate_model(
     min_class_iou: float,
     max_regression: float,
     num_worst_examples: int,
+    tflite_variants: Sequence[str],
+    max_tflite_drop: float,
     beam_args: list[str],
 ) -> dict:
     """The Evaluator component: the Examples artifact's `test` split through `evaluate_files`.
+
+    TFLite variants (if any) are calibrated on the `train` split.
 
     Returns {"blessed": bool, "reasons": [...], "hints": [...], "metrics": {...}}.
     """
@@ -633,5 +741,7 @@ def evaluate_model(
         baseline_model_uri=baseline_model_uri, num_classes=num_classes,
         pixel_accuracy_threshold=pixel_accuracy_threshold, min_foreground_iou=min_foreground_iou,
         min_class_iou=min_class_iou, max_regression=max_regression, num_worst_examples=num_worst_examples,
-        beam_args=beam_args, model_run_uri=model_run_uri, inputs=(examples_uri,),
+        tflite_variants=tflite_variants, max_tflite_drop=max_tflite_drop, beam_args=beam_args,
+        model_run_uri=model_run_uri, calibration_files=artifacts.split_files(examples_uri, artifacts.TRAIN),
+        inputs=(examples_uri,),
     )

@@ -2,7 +2,8 @@
 
 Layout: `<serving_dir>/<version>/` is the SavedModel (TensorFlow Serving loads the highest numeric
 folder), with `model.keras` (warm starts) and `segpipe.json` (metrics, spans, run id, code version)
-inside it. A version is copied to a hidden temporary folder and renamed into place, so TensorFlow
+inside it, and the TFLite files the Evaluator converted and scored (`model_<variant>.tflite`,
+push.tflite; their sizes and drops in segpipe.json under `tflite`). A version is copied to a hidden temporary folder and renamed into place, so TensorFlow
 Serving and `latest_blessed_model` never see half a model; hidden folders are not versions. The
 version number is chosen under an exclusive lock file, so two pushes never pick the same number,
 and an existing version is never overwritten. A model whose blessing is negative is not pushed and
@@ -140,6 +141,24 @@ def read_evaluation_summary(evaluation_uri: str | os.PathLike | None) -> dict[st
     return {k: metrics[k] for k in keys if k in metrics}
 
 
+def evaluated_tflite(evaluation_uri: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
+    """The TFLite variants the Evaluator scored: {variant: {file (path), bytes, mean_iou_drop, latency_ms}}.
+
+    The files are the ones in the evaluation's tflite/ folder, so the pushed file is the scored one.
+    """
+    if evaluation_uri is None:
+        return {}
+    metrics = json.loads((Path(evaluation_uri) / artifacts.EVALUATION_FILE).read_text())
+    out = {}
+    for variant, result in (metrics.get("tflite") or {}).items():
+        path = Path(evaluation_uri) / result["file"]
+        if not path.is_file() or path.stat().st_size != result["bytes"]:
+            raise BadInputError(f"{path}: the TFLite {variant} file the evaluation scored is missing or changed")
+        out[variant] = {"file": path, "bytes": result["bytes"], "mean_iou_drop": result.get("mean_iou_drop"),
+                        "latency_ms": result.get("latency_ms")}
+    return out
+
+
 def push_model(
     model_uri: str,
     blessing_uri: str,
@@ -180,6 +199,9 @@ def push_model(
             "code_version": artifacts.code_version(),
             **({"infra_validation": infra.get("figures", {})} if infra else {}),
         }
+        tflite = evaluated_tflite(evaluation_uri)
+        if tflite:
+            info["tflite"] = {v: {**t, "file": t["file"].name} for v, t in tflite.items()}
 
         def fill(tmp: Path, version: int) -> None:
             copy_tree(source, tmp)
@@ -188,6 +210,8 @@ def push_model(
                 shutil.copy2(keras_file, tmp / artifacts.KERAS_MODEL_FILE)
             else:
                 log.warning("%s missing: version %d cannot seed warm starts", keras_file, version)
+            for edge_file in tflite.values():
+                shutil.copy2(edge_file["file"], tmp / edge_file["file"].name)
             (tmp / SERVING_INFO_FILE).write_text(json.dumps({**info, "version": version}, indent=2, default=str))
 
         version, final = write_version(serving_dir, fill, keep_last=keep_last)

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from segpipe.components.core.edge import VARIANTS as TFLITE_VARIANTS
+
 AUTO_PROFILE = "auto"  # no preset: the plan step fits the recipe to the data and the budget
 PROFILES = (AUTO_PROFILE, "demo", "seed")
 DEVICE_FORM = re.compile(r"auto|(cpu|gpu):[1-9]\d*")
@@ -117,6 +119,7 @@ class EvaluationConfig:
     min_class_iou: float = field(metadata=_rng(0.0, 1.0))  # every foreground class
     max_regression: float = field(metadata=_rng(0.0, 1.0))
     num_worst_examples: int = field(metadata=_rng(0))
+    max_tflite_drop: float = field(metadata=_rng(0.0, 1.0))  # per push.tflite variant, absolute mean IoU
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,12 @@ class InfraValidationConfig:
 class PushConfig:
     serving_dir: str  # relative to the pipeline root; "" = <pipeline root>/serving
     keep_last: int = field(metadata=_rng(0))  # 0 keeps every version
+    tflite: tuple[str, ...]  # TFLite variants written beside the SavedModel: float16, int8
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.tflite if v not in TFLITE_VARIANTS]
+        if unknown or len(set(self.tflite)) < len(self.tflite):
+            raise ConfigError(f"push.tflite: {list(self.tflite)} must list distinct variants of {list(TFLITE_VARIANTS)}")
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,8 @@ def _evaluator_params(cfg: SegpipeConfig) -> dict[str, Any]:
         "min_class_iou": ev.min_class_iou,
         "max_regression": ev.max_regression,
         "num_worst_examples": ev.num_worst_examples,
+        "tflite_variants": list(cfg.push.tflite),
+        "max_tflite_drop": ev.max_tflite_drop,
         "beam_args": _beam(cfg),
     }
 

@@ -191,7 +191,8 @@ def run_evaluator(tmp_path: Path, model: Path, examples_uri: Path, baseline: Pat
     return evaluate_model(
         str(model), str(examples_uri), str(tmp_path / "evaluation"), str(tmp_path / "blessing"),
         baseline_model_uri=str(baseline) if baseline else None, model_run_uri=str(model_run) if model_run else None,
-        num_classes=num_classes, **{**GATE, **gate}, num_worst_examples=3, beam_args=BEAM_ARGS,
+        num_classes=num_classes, **{**GATE, "tflite_variants": [], "max_tflite_drop": 0.02, **gate},
+        num_worst_examples=3, beam_args=BEAM_ARGS,
     )
 
 
