@@ -185,7 +185,7 @@ def tflite_checks(tflite: dict[str, dict[str, Any]], max_tflite_drop: float) -> 
             reason = (f"tflite {variant} mean IoU drop {shown} > maximum {limit}"
                       if drop > max_tflite_drop + REGRESSION_TOLERANCE else "")
         checks.append({"name": f"tflite {variant} mean IoU drop <= max_tflite_drop", "metric": TFLITE_DROP,
-                       "variant": variant, "value": drop, "bound": max_tflite_drop, "passed": not reason,
+                       "variant": variant, "value": drop, "bound": max_tflite_drop, "direction": "max", "passed": not reason,
                        "reason": reason})
     return checks
 

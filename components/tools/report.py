@@ -39,6 +39,8 @@ from segpipe.components.pusher import PUSH_RESULT_FILE
 
 log = logging.getLogger(__name__)
 
+_BOUND_SIGN = {"min": "≥", "max": "≤"}
+
 MAX_LISTED = 20  # quarantined or skipped records named one by one; the rest are counted
 _NUMBER = re.compile(r"^(–|[+−-]?[\d,]*\.?\d+%?)$")  # cells that align right
 
@@ -198,8 +200,9 @@ def gate_checks(metrics: Mapping[str, Any], blessing: Mapping[str, Any]) -> list
     if recorded is None and metrics.get("gate"):
         gate = {"min_class_iou": None, **metrics["gate"]}
         recorded = evaluator.gate_checks(dict(metrics), metrics.get("baseline"), **gate)
-    return [GateCheck(str(c["name"]), _fmt(c["value"]), f"≥ {_fmt(c['bound'])}", bool(c["passed"]))
-            for c in recorded or []]
+    # A check is a lower bound unless it says "max" (the TFLite drop); older artifacts have no direction.
+    return [GateCheck(str(c["name"]), _fmt(c["value"]), f"{_BOUND_SIGN[c.get('direction', 'min')]} {_fmt(c['bound'])}",
+                      bool(c["passed"])) for c in recorded or []]
 
 
 def verdict_badge(blessing: Mapping[str, Any]) -> str:
@@ -325,7 +328,7 @@ def history_table(history: Sequence[Mapping[str, float]], best_epoch: int | None
             cells = [f"<b>{c}</b>" for c in cells]
         rows.append([str(epoch), *cells])
     header = ["Epoch", *(c.replace("val_", "eval ") if c.startswith("val_") else f"train {c}" for c in columns)]
-    return _table(header, rows, "Bold: the best epoch (lowest eval loss), whose weights were exported.")
+    return _table(header, rows, "Bold: the best epoch (by train.monitor, an eval metric), whose weights were exported.")
 
 
 def training_section(model_run_uri: str | os.PathLike | None) -> str:
