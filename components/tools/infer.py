@@ -267,18 +267,20 @@ def run_inference_pipeline(files: list[str], saved_model_dir: str, version: int,
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-    from segpipe.components.core.beam import beam_pipeline
+    from segpipe.components.core.beam import beam_pipeline, worker_path
 
+    # Workers write the masks with plain file calls: `out` must be on a file system they share.
+    out, scratch = Path(worker_path(out)), Path(worker_path(scratch))
     with beam_pipeline(beam_args, name="infer") as pipeline:
         read = (
             pipeline
-            | "Files" >> beam.Create(files)
+            | "Files" >> beam.Create([worker_path(f) for f in files])
             | "Read" >> beam.io.ReadAllFromTFRecord(with_filename=True)
             | "Prepare" >> beam.FlatMap(read_record).with_outputs(FAILED, main="images")
         )
         written = (
             read.images
-            | "RunInference" >> RunInference(KeyedModelHandler(make_model_handler(saved_model_dir)))
+            | "RunInference" >> RunInference(KeyedModelHandler(make_model_handler(worker_path(saved_model_dir))))
             | "Mask" >> beam.Map(to_mask)
             | "GroupById" >> beam.GroupByKey()
             | "WriteMasks" >> beam.FlatMap(write_mask, str(out / MASKS_DIR), version).with_outputs(FAILED, main="examples")
