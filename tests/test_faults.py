@@ -222,7 +222,7 @@ def test_every_anomaly_kind_stops_at_the_validator_and_never_reaches_training(tm
     code, out, err = run_cli(run_args(root), capsys)
     assert code == 2
     assert "data gate FAILED" in err and "Traceback" not in err
-    assert "[5/10] example_validator    failed" in out and "transform " not in out
+    assert re.search(r"\[5/\d+\] example_validator    failed", out) and "transform " not in out
     [anomalies] = [p for p in published_artifacts(root) if p.parent.parent.name == "example_validator"]
     findings = {f["kind"]: f for f in json.loads((anomalies / "anomalies.json").read_text())["findings"]}
     for kind in bad:

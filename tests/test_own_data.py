@@ -75,8 +75,9 @@ def test_own_folder_dataset_to_served_model_and_predictions(tmp_path, capsys):
 
     # 2. Train, evaluate and push with three classes (tiny settings; any model passes the gate).
     tiny = {"data.num_classes": 3, "transform.image_size": 32, "model.base_filters": 4, "model.depth": 2,
-            "train.epochs": 1, "train.batch_size": 8, "train.early_stopping_patience": 0,
-            "evaluation.pixel_accuracy_threshold": 0.0, "evaluation.min_foreground_iou": 0.0}
+            "train.epochs": 1, "train.min_steps": 0, "train.batch_size": 8, "train.early_stopping_patience": 0,
+            "evaluation.pixel_accuracy_threshold": 0.0, "evaluation.min_foreground_iou": 0.0,
+            "evaluation.min_class_iou": 0.0}
     sets = [arg for key, value in tiny.items() for arg in ("--set", f"{key}={value}")]
     code = main(["run", "--root", str(root), *sets])
     captured = capsys.readouterr()

@@ -253,14 +253,16 @@ def test_kubeflow_compiles_the_plan_as_its_own_cpu_task(tmp_path):
     spec, _ = list(yaml.safe_load_all(Path(path).read_text()))
     resources = spec["deploymentSpec"]["executors"]["exec-plan"]["container"]["resources"]
     assert "accelerator" not in resources and resources["cpuRequest"] == 1.0
-    tasks = spec["root"]["dag"]["tasks"]
+    root_tasks = spec["root"]["dag"]["tasks"]
+    [gate] = [t for name, t in root_tasks.items() if name.startswith("condition-")]  # dsl.If(new data)
+    tasks = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
     assert set(tasks["plan"]["dependentTasks"]) >= {"statistics-gen", "example-gen", "example-validator"}
     for node in ("transform", "trainer"):
         artifact = tasks[node]["inputs"]["artifacts"]["plan"]["taskOutputArtifact"]
         assert artifact == {"outputArtifactKey": "plan", "producerTask": "plan"}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["epochs"]["defaultValue"] == 0 and params["image_size"]["defaultValue"] == 0  # not set
-    base = json.loads(tasks["make-config"]["inputs"]["parameters"]["base_config"]["runtimeValue"]["constant"])
+    base = json.loads(root_tasks["make-config"]["inputs"]["parameters"]["base_config"]["runtimeValue"]["constant"])
     assert base["train.device"] == "gpu:2"  # the trainer pod's GPUs, declared for the CPU-side plan
 
 

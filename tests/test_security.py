@@ -85,7 +85,7 @@ def test_yaml_is_only_read_with_safe_load_and_python_tags_are_refused(tmp_path, 
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and (call_name(node) or "").startswith("yaml."):
-                assert call_name(node) in ("yaml.safe_load", "yaml.safe_dump", "yaml.dump"), (path, call_name(node))
+                assert call_name(node) in ("yaml.safe_load", "yaml.safe_dump", "yaml.dump", "yaml.dump_all", "yaml.safe_dump_all"), (path, call_name(node))
     sentinel = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"
     config.write_text(f'train: !!python/object/apply:os.system ["touch {sentinel}"]\n')
