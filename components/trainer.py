@@ -7,6 +7,17 @@
   otherwise; `distribution: multi_worker` picks MultiWorkerMirroredStrategy, which reads the cluster
   from the TF_CONFIG that the launcher (e.g. a Kubeflow training operator) sets. mixed_float16 on
   GPU (`mixed_precision: auto`), float32 head; optional XLA (`jit_compile`).
+- Training length and schedule: `min_steps` raises the epochs of a small dataset until
+  epochs * steps per epoch >= min_steps (early-stopping patience scales with them); Adam with a
+  linear warm-up and cosine decay over those planned steps (`lr_schedule: cosine`) or a constant rate.
+- Selection: the best checkpoint and early stopping follow `monitor` (default the foreground IoU the
+  Evaluator's gate uses, higher is better), and both resume with the history of a preempted run.
+- Batch norm in short runs: BN momentum fitted to the steps per epoch (`model.bn_momentum: auto`),
+  so inference mode scores what training mode optimised; optionally (`bn_recalibration_batches`)
+  the moving statistics are recomputed after training as exact averages over train batches.
+- Imbalance: `loss: dice_bce` adds a soft Dice over the foreground classes; `class_weights: auto`
+  weights the cross-entropy by the inverse square root of each class's pixel frequency in the
+  train split (one pass over its masks), capped.
 - Preemption: `backup_dir` (stable, outside the temporary output, keyed by the caller) holds the
   BackupAndRestore state, the best checkpoint, the CSV history and the TensorBoard logs, so a
   rerun resumes at its last completed epoch with its history intact; it is removed after success.
@@ -35,7 +46,11 @@ HISTORY_FILE = "history.csv"
 CURVES_FILE = "training_curves.png"
 LOGS_DIR = "logs"
 BEST_WEIGHTS_FILE = "best.weights.h5"
-MONITOR = "val_loss"
+# `train.monitor` -> direction of improvement (the Keras metric names of core/model.py's
+# segmentation_metrics, with Keras's `val_` prefix for the eval split).
+MONITOR_MODES = {"val_iou": "max", "val_pixel_accuracy": "max", "val_dice": "max", "val_loss": "min"}
+MAX_CLASS_WEIGHT = 10.0  # larger inverse-sqrt weights would let a handful of pixels dominate the loss
+BN_WINDOW_STEPS = (4.0, 100.0)  # auto BN momentum: the averaging window 1 / (1 - momentum) in steps, clipped
 
 
 # ---------------------------------------------------------------- input pipeline
@@ -110,11 +125,16 @@ def make_dataset(
     cache: bool = False,
     augment: Mapping[str, Any] | None = None,
     seed: int | None = None,
+    num_records: int | None = None,
 ) -> Any:
     """Streaming (images, masks) batches from GZIP TFRecord shards.
 
     Training: shards and records shuffled (reshuffled each epoch; `shuffle_buffer` 0 shuffles shards
     only), then augmented with `augment` ({"flip", "rot90", "zoom"}). Eval: file order, no augmentation. Parsing is vectorised per batch (one parse_example call per batch).
+    `num_records` declares the length (ceil(num_records / batch_size) batches; tf.data fails if the
+    data disagrees): Keras then ends each epoch after exactly that many steps instead of running one
+    more step into the end of the data, which advances the optimizer's step counter (and so the
+    learning-rate schedule) without an update.
     """
     import tensorflow as tf
 
@@ -131,6 +151,8 @@ def make_dataset(
     if training and shuffle_buffer > 0:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size, num_parallel_calls=autotune)
+    if num_records is not None:
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(num_records / batch_size)))
     dataset = dataset.map(lambda records: parse_batch(records, image_size), num_parallel_calls=autotune)
     if cache:
         dataset = dataset.cache()
@@ -178,6 +200,97 @@ def check_split(transformed_examples_uri: str, split: str, image_size: int) -> l
     raise BadInputError(f"{folder}: every shard is empty; the {split} split has no records")
 
 
+def scan_masks(files: list[str], image_size: int, num_classes: int) -> tuple[int, list[int]]:
+    """(records, pixels per class 0..K-1 with 255 excluded) of a split: one pass parsing masks only.
+
+    A label outside 0..K-1 and 255 is BadInputError naming the shard (it would silently count as
+    no class in the loss and the metrics).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    spec = {artifacts.MASK_KEY: tf.io.FixedLenFeature([image_size * image_size], tf.int64)}
+    records, counts = 0, np.zeros(num_classes, np.int64)
+    for path in files:
+        batches = tf.data.TFRecordDataset(path, compression_type="GZIP").batch(256)
+        for masks in batches.map(lambda rows: tf.io.parse_example(rows, spec)[artifacts.MASK_KEY]):
+            labels = masks.numpy().ravel()
+            labels = labels[labels != artifacts.IGNORE_LABEL]
+            bad = labels[(labels < 0) | (labels >= num_classes)]
+            if bad.size:
+                raise BadInputError(f"{path}: mask label {int(bad[0])} outside 0..{num_classes - 1} and "
+                                    f"{artifacts.IGNORE_LABEL}; data.num_classes is {num_classes}")
+            records += int(masks.shape[0])
+            counts += np.bincount(labels, minlength=num_classes)
+    return records, [int(c) for c in counts]
+
+
+# ---------------------------------------------------------------- training plan
+
+
+def plan_training(train_records: int, *, batch_size: int, epochs: int, min_steps: int, patience: int) -> dict[str, int]:
+    """Epochs, steps and early-stopping patience for a split of `train_records` examples.
+
+    steps_per_epoch = ceil(records / batch); epochs = max(configured, ceil(min_steps / steps_per_epoch)),
+    so a small dataset still gets min_steps optimizer steps. Patience (in epochs) scales by the same
+    factor, so it covers the same share of the run.
+    """
+    steps_per_epoch = max(1, math.ceil(train_records / batch_size))
+    planned = max(epochs, math.ceil(min_steps / steps_per_epoch))
+    return {
+        "records": train_records,
+        "configured_epochs": epochs,
+        "epochs": planned,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": planned * steps_per_epoch,
+        "early_stopping_patience": math.ceil(patience * planned / epochs),
+    }
+
+
+def fitted_bn_momentum(steps_per_epoch: int, total_steps: int) -> float:
+    """BN momentum 1 - 1/w for an averaging window w = min(steps_per_epoch / 3, total_steps / 10).
+
+    With w a third of an epoch, the moving statistics at an epoch's end weigh that epoch's start by
+    e^-3 only, so each epoch's eval (and the checkpoint chosen on it) sees statistics of the weights
+    being evaluated. w is clipped to BN_WINDOW_STEPS: at 300+ steps per epoch this is Keras's 0.99.
+    """
+    low, high = BN_WINDOW_STEPS
+    window = min(max(min(steps_per_epoch / 3, total_steps / 10), low), high)
+    return round(1.0 - 1.0 / window, 4)
+
+
+def class_weights_from_counts(counts: list[int]) -> list[float]:
+    """Inverse square-root frequency weights: w_c = f_c^(-1/2) / sum_k f_k^(1/2), capped at MAX_CLASS_WEIGHT.
+
+    f_c = pixels of class c / all labelled pixels. The normalisation keeps the pixel-weighted mean
+    sum_c f_c w_c = 1 (before the cap), so the loss keeps its scale; a class with no pixel gets 1
+    (it never occurs as a label, so its weight is never used).
+    """
+    total = float(sum(counts))
+    if total <= 0:
+        return [1.0] * len(counts)
+    norm = sum(math.sqrt(c / total) for c in counts)
+    return [round(min(1.0 / (math.sqrt(c / total) * norm), MAX_CLASS_WEIGHT), 4) if c else 1.0 for c in counts]
+
+
+def learning_rate(train_config: Mapping[str, Any], total_steps: int) -> Any:
+    """The optimizer's rate: constant, or linear warm-up from 0 then cosine decay to 0 at `total_steps`.
+
+    The schedule is a function of the optimizer's step counter, which BackupAndRestore restores, so a
+    resumed run continues the same curve.
+    """
+    import keras
+
+    rate = float(train_config["learning_rate"])
+    if train_config["lr_schedule"] == "constant":
+        return rate
+    warmup = int(round(total_steps * float(train_config["warmup_fraction"])))
+    decay_steps = max(1, total_steps - warmup)
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps)
+    return keras.optimizers.schedules.CosineDecay(0.0, decay_steps, warmup_target=rate, warmup_steps=warmup)
+
+
 # ---------------------------------------------------------------- devices
 
 
@@ -206,6 +319,7 @@ def select_precision(mode: str) -> str:
 
 
 def create_model(image_size: int, num_classes: int, model_config: Mapping[str, Any]) -> Any:
+    """The U-Net of `model_config`, whose `bn_momentum` is a number (train_model resolves `auto`)."""
     from segpipe.components.core.model import build_unet
 
     return build_unet(
@@ -215,18 +329,21 @@ def create_model(image_size: int, num_classes: int, model_config: Mapping[str, A
         depth=int(model_config["depth"]),
         batch_norm=bool(model_config["batch_norm"]),
         dropout=float(model_config["dropout"]),
+        bn_momentum=float(model_config["bn_momentum"]),
     )
 
 
-def compile_model(model: Any, num_classes: int, train_config: Mapping[str, Any]) -> None:
-    """Adam + the configured loss + pixel accuracy / IoU / Dice (all ignore label 255)."""
+def compile_model(
+    model: Any, num_classes: int, train_config: Mapping[str, Any], *, total_steps: int, class_weights: list[float] | None
+) -> None:
+    """Adam on the learning-rate schedule + the configured loss + pixel accuracy / IoU / Dice (all ignore 255)."""
     import keras
 
     from segpipe.components.core.model import get_loss, segmentation_metrics
 
     model.compile(
-        optimizer=keras.optimizers.Adam(float(train_config["learning_rate"])),
-        loss=get_loss(train_config["loss"]),
+        optimizer=keras.optimizers.Adam(learning_rate(train_config, total_steps)),
+        loss=get_loss(train_config["loss"], class_weights),
         metrics=segmentation_metrics(num_classes),
         jit_compile=bool(train_config["jit_compile"]),
     )
@@ -306,32 +423,59 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return [rows[epoch] for epoch in sorted(rows)]
 
 
-def make_callbacks(backup_dir: Path, *, patience: int, best_so_far: float | None) -> list[Any]:
-    """NaN guard, epoch lines, best-val_loss checkpoint, TensorBoard, CSV log, early stop, backup/restore.
+def best_index(values: list[float], mode: str) -> int:
+    """Index of the first best value (a later equal value is no improvement, as in Keras)."""
+    pick = max if mode == "max" else min
+    return pick(range(len(values)), key=values.__getitem__)
 
-    BackupAndRestore comes last so that an epoch counts as done only after its logs are written.
+
+def early_stopping_callback(monitor: str, patience: int, previous: list[float]) -> Any:
+    """EarlyStopping that resumes its count: the best value and the epochs since it come from the
+    history of the epochs completed before a preemption (Keras would start counting afresh)."""
+    import keras
+
+    mode = MONITOR_MODES[monitor]
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+            super().on_train_begin(logs)
+            if previous:
+                best = best_index(previous, mode)
+                self.best, self.best_epoch, self.wait = previous[best], best, len(previous) - 1 - best
+
+    return ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience)
+
+
+def make_callbacks(backup_dir: Path, *, monitor: str, patience: int, previous: list[dict[str, float]]) -> list[Any]:
+    """NaN guard, epoch lines, best-`monitor` checkpoint, TensorBoard, CSV log, early stop, backup/restore.
+
+    `previous` is the history of the epochs completed before a resume: the checkpoint and early
+    stopping continue from its best value. BackupAndRestore comes last so that an epoch counts as
+    done only after its logs are written.
     """
     import keras
 
     from segpipe.components.core.progress import epoch_progress
 
+    mode = MONITOR_MODES[monitor]
+    values = [row[monitor] for row in previous if monitor in row]
     run = backup_dir / RUN_DIR
     callbacks = [
         raise_on_nan_callback(),
         epoch_progress(),
         keras.callbacks.ModelCheckpoint(
             str(run / BEST_WEIGHTS_FILE),
-            monitor=MONITOR,
-            mode="min",
+            monitor=monitor,
+            mode=mode,
             save_best_only=True,
             save_weights_only=True,
-            initial_value_threshold=best_so_far,
+            initial_value_threshold=values[best_index(values, mode)] if values else None,
         ),
         keras.callbacks.TensorBoard(log_dir=str(run / LOGS_DIR), update_freq="epoch", profile_batch=0),
         keras.callbacks.CSVLogger(str(run / HISTORY_FILE), append=True),
     ]
     if patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min", patience=patience))
+        callbacks.append(early_stopping_callback(monitor, patience, values))
     callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir / STATE_DIR), delete_checkpoint=False))
     return callbacks
 
@@ -340,6 +484,97 @@ def resumed_epoch(backup_dir: Path) -> int:
     """Completed epochs recorded by BackupAndRestore (0 for a fresh run)."""
     meta = backup_dir / STATE_DIR / "training_metadata.json"
     return int(json.loads(meta.read_text())["epoch"]) if meta.is_file() else 0
+
+
+# ---------------------------------------------------------------- batch norm and scoring
+
+
+def recalibrate_batch_norm(model: Any, dataset: Any, max_batches: int) -> int:
+    """Set every BN layer's moving mean and variance to the exact average of its batch statistics
+    over up to `max_batches` batches of `dataset` (precise BN); returns the batches used.
+
+    The moving averages lag behind the weights and start at mean 0 / variance 1, so after a short
+    run inference mode normalises differently from the training mode the weights were optimised
+    in. Here the batches run forward in training mode with momentum 0 (each call leaves exactly that
+    batch's statistics in the moving variables) and dropout off as at inference; no gradient step.
+    The average is weighted by batch size. 0 when the model has no BN layer or max_batches is 0.
+    """
+    import keras
+    import numpy as np
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms or max_batches <= 0:
+        return 0
+    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    momenta, rates = [layer.momentum for layer in norms], [layer.rate for layer in dropouts]
+    sums = [[np.zeros(layer.moving_mean.shape), np.zeros(layer.moving_variance.shape)] for layer in norms]
+    batches, images_seen = 0, 0
+    try:
+        for layer in norms:
+            layer.momentum = 0.0
+        for layer in dropouts:
+            layer.rate = 0.0
+        for images, _ in dataset.take(max_batches):
+            model(images, training=True)  # eager: reads the momentum and rate set above
+            size = int(images.shape[0])
+            for (mean, variance), layer in zip(sums, norms):
+                mean += size * layer.moving_mean.numpy()
+                variance += size * layer.moving_variance.numpy()
+            batches, images_seen = batches + 1, images_seen + size
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
+    for (mean, variance), layer in zip(sums, norms):
+        layer.moving_mean.assign(mean / max(images_seen, 1))
+        layer.moving_variance.assign(variance / max(images_seen, 1))
+    return batches
+
+
+def score(model: Any, dataset: Any, num_classes: int, *, training: bool = False, loss: Any = None) -> dict[str, Any]:
+    """Eval metrics of `model` over `dataset` from counts summed over every batch.
+
+    Returns {"pixel_accuracy", "iou", "dice"} (core/model.py's definitions, as `val_*` in the
+    history), "iou_per_class" (None for a class in neither truth nor prediction) and "loss" (the
+    batch-size weighted mean, when `loss` is given). training=True runs BN in training mode (each
+    batch normalised with its own statistics) and restores the weights afterwards, which measures
+    how far inference mode is from what training saw.
+    """
+    import numpy as np
+
+    from segpipe.components.core.model import (
+        SegmentationMetric,
+        dice_from_counts,
+        iou_from_counts,
+        pixel_accuracy_from_counts,
+    )
+
+    metric = SegmentationMetric("iou", num_classes)
+    snapshot = model.get_weights() if training else None
+    loss_sum, seen = 0.0, 0
+    try:
+        for images, masks in dataset:
+            probs = model(images, training=training)
+            metric.update_state(masks, probs)
+            if loss is not None:
+                loss_sum += float(loss(masks, probs)) * int(images.shape[0])
+            seen += int(images.shape[0])
+    finally:
+        if snapshot is not None:
+            model.set_weights(snapshot)
+    counts = {key: variable.value for key, variable in metric.counts.items()}
+    intersection = np.asarray(counts["intersection"], np.float64)
+    union = np.asarray(counts["predicted"], np.float64) + np.asarray(counts["target"], np.float64) - intersection
+    result = {
+        "pixel_accuracy": float(pixel_accuracy_from_counts(counts)),
+        "iou": float(iou_from_counts(counts)),
+        "dice": float(dice_from_counts(counts)),
+        "iou_per_class": [float(i / u) if u > 0 else None for i, u in zip(intersection, union)],
+    }
+    if loss is not None:
+        result["loss"] = loss_sum / max(seen, 1)
+    return result
 
 
 # ---------------------------------------------------------------- outputs
@@ -406,8 +641,10 @@ def train_model(
 ) -> dict:
     """Train the U-Net on `train`, select on `eval`, publish Model and ModelRun.
 
-    Returns {"epochs", "initial_epoch", "best_epoch", "metrics" (eval at the best epoch),
-    "warm_start", "strategy", "replicas", "precision", "parameters", "counts"}.
+    Returns {"epochs", "initial_epoch", "best_epoch", "metrics" (the exported model on eval, in
+    inference mode), "best_epoch_metrics" (the history's eval row that chose the checkpoint),
+    "iou_per_class", "plan" (epochs and steps), "monitor", "bn_momentum", "bn_recalibration_batches",
+    "class_weights", "warm_start", "strategy", "replicas", "precision", "parameters", "counts"}.
     """
     import keras
 
@@ -421,30 +658,50 @@ def train_model(
     initial_epoch = resumed_epoch(backup)
     if initial_epoch:
         log.info("resuming from %s after %d completed epoch(s)", backup, initial_epoch)
+    monitor = str(train_config["monitor"])
 
     precision = select_precision(str(train_config["mixed_precision"]))
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
         strategy = select_strategy(str(train_config["distribution"]))
+        plan, class_weights = plan_run(files[artifacts.TRAIN], transformed_examples_uri, image_size=image_size,
+                                       num_classes=num_classes, train_config=train_config,
+                                       replicas=int(strategy.num_replicas_in_sync))
+        momentum = model_config["bn_momentum"]
+        if momentum == "auto":
+            momentum = fitted_bn_momentum(plan["steps_per_epoch"], plan["steps"])
+        run_model_config = {**model_config, "bn_momentum": float(momentum)}
         with strategy.scope():
-            model = create_model(image_size, num_classes, model_config)
+            model = create_model(image_size, num_classes, run_model_config)
             warm = warm_start(model, base_model_uri if train_config["warm_start"] else None)
-            compile_model(model, num_classes, train_config)
-        history = fit_model(model, files, backup, image_size=image_size, train_config=train_config, strategy=strategy)
+            compile_model(model, num_classes, train_config, total_steps=plan["steps"], class_weights=class_weights)
+        history = fit_model(model, files, backup, image_size=image_size, train_config=train_config, strategy=strategy,
+                            epochs=plan["epochs"], patience=plan["early_stopping_patience"],
+                            num_records=plan["records"])
         best_weights = backup / RUN_DIR / BEST_WEIGHTS_FILE
         if best_weights.is_file():
             model.load_weights(str(best_weights))
-        serving = float32_copy(model, image_size, num_classes, model_config)
+        serving = float32_copy(model, image_size, num_classes, run_model_config)
+        recalibrated, final = finish_model(serving, files, image_size=image_size, num_classes=num_classes,
+                                           train_config=train_config, loss=model.loss)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    best = min(history, key=lambda row: row.get(MONITOR, math.inf))
+    mode = MONITOR_MODES[monitor]
+    best = history[best_index([row.get(monitor, -math.inf if mode == "max" else math.inf) for row in history], mode)]
     summary = {
         "epochs": len(history),
         "initial_epoch": initial_epoch,
         "best_epoch": int(best["epoch"]) + 1,
-        "metrics": {k: v for k, v in best.items() if k.startswith("val_")},
+        "metrics": {f"val_{key}": final[key] for key in ("loss", "pixel_accuracy", "iou", "dice")},
+        "best_epoch_metrics": {k: v for k, v in best.items() if k.startswith("val_")},
+        "iou_per_class": final["iou_per_class"],
+        "plan": plan,
+        "monitor": monitor,
+        "bn_momentum": float(momentum) if model_config["batch_norm"] else None,
+        "bn_recalibration_batches": recalibrated,
+        "class_weights": class_weights,
         "warm_start": warm,
         "strategy": type(strategy).__name__,
         "replicas": int(strategy.num_replicas_in_sync),
@@ -458,37 +715,91 @@ def train_model(
                     backup=backup, base_model_uri=base_model_uri, image_size=image_size, num_classes=num_classes,
                     parameters=parameters)
     shutil.rmtree(backup, ignore_errors=True)
-    log.info("trained %d epoch(s); best epoch %d: %s", summary["epochs"], summary["best_epoch"], summary["metrics"])
+    log.info("trained %d epoch(s); best epoch %d by %s; exported model on eval: %s", summary["epochs"],
+             summary["best_epoch"], monitor, summary["metrics"])
     return summary
 
 
-def fit_model(
-    model: Any, files: Mapping[str, list[str]], backup: Path, *, image_size: int, train_config: Mapping[str, Any], strategy: Any
-) -> list[dict[str, float]]:
-    """model.fit with the resumable callbacks; returns the full per-epoch history (resumed runs too)."""
-    seed = int(train_config["seed"])
-    batch_size = int(train_config["batch_size"]) * int(strategy.num_replicas_in_sync)
-    augment = {
+def plan_run(
+    train_files: list[str], transformed_examples_uri: str, *, image_size: int, num_classes: int,
+    train_config: Mapping[str, Any], replicas: int,
+) -> tuple[dict[str, int], list[float] | None]:
+    """The training plan (plan_training) and the class weights (None unless `class_weights: auto`).
+
+    The train split's masks are read once when the weights need its class frequencies or when the
+    producer recorded no record count.
+    """
+    records = split_count(transformed_examples_uri, artifacts.TRAIN)
+    class_weights = None
+    if train_config["class_weights"] == "auto" or records is None:
+        records, pixels = scan_masks(train_files, image_size, num_classes)
+        if train_config["class_weights"] == "auto":
+            class_weights = class_weights_from_counts(pixels)
+            log.info("class weights %s from train pixel counts %s", class_weights, pixels)
+    plan = plan_training(records, batch_size=int(train_config["batch_size"]) * replicas,
+                         epochs=int(train_config["epochs"]), min_steps=int(train_config["min_steps"]),
+                         patience=int(train_config["early_stopping_patience"]))
+    if plan["epochs"] > plan["configured_epochs"]:
+        log.info("train.min_steps %d: %d epochs of %d steps instead of %d (early-stopping patience %d)",
+                 int(train_config["min_steps"]), plan["epochs"], plan["steps_per_epoch"], plan["configured_epochs"],
+                 plan["early_stopping_patience"])
+    return plan, class_weights
+
+
+def finish_model(
+    serving: Any, files: Mapping[str, list[str]], *, image_size: int, num_classes: int,
+    train_config: Mapping[str, Any], loss: Any,
+) -> tuple[int, dict[str, Any]]:
+    """BN recalibration on train batches as training drew them, then the eval score of the result.
+
+    The batches are shuffled and augmented like the training input: the weights were optimised
+    normalising that distribution (measured: statistics of unaugmented batches score slightly worse).
+    Returns (batches used for recalibration, score() of the exported model on eval in inference mode).
+    """
+    batch_size = int(train_config["batch_size"])  # per replica: the batch size BN normalised over
+    train = make_dataset(files[artifacts.TRAIN], image_size=image_size, batch_size=batch_size, training=True,
+                         shuffle_buffer=int(train_config["shuffle_buffer"]), augment=augment_options(train_config),
+                         seed=int(train_config["seed"]))
+    recalibrated = recalibrate_batch_norm(serving, train, int(train_config["bn_recalibration_batches"]))
+    if recalibrated:
+        log.info("batch-norm statistics recomputed over %d train batch(es)", recalibrated)
+    evaluation = make_dataset(files[artifacts.EVAL], image_size=image_size, batch_size=batch_size, training=False)
+    return recalibrated, score(serving, evaluation, num_classes, loss=loss)
+
+
+def augment_options(train_config: Mapping[str, Any]) -> dict[str, Any]:
+    """make_dataset's `augment` from the `train.augment_*` fields."""
+    return {
         "flip": bool(train_config["augment_flip"]),
         "rot90": bool(train_config["augment_rot90"]),
         "zoom": float(train_config["augment_zoom"]),
     }
+
+
+def fit_model(
+    model: Any, files: Mapping[str, list[str]], backup: Path, *, image_size: int, train_config: Mapping[str, Any],
+    strategy: Any, epochs: int, patience: int, num_records: int,
+) -> list[dict[str, float]]:
+    """model.fit with the resumable callbacks; returns the full per-epoch history (resumed runs too).
+
+    `num_records` is the train split's length, so each epoch is exactly the planned steps.
+    """
+    seed = int(train_config["seed"])
+    batch_size = int(train_config["batch_size"]) * int(strategy.num_replicas_in_sync)
     common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config["cache"])}
     train = make_dataset(files[artifacts.TRAIN], training=True, shuffle_buffer=int(train_config["shuffle_buffer"]),
-                         augment=augment, seed=seed, **common)
+                         augment=augment_options(train_config), seed=seed, num_records=num_records, **common)
     evaluation = make_dataset(files[artifacts.EVAL], training=False, **common)
     history_path = backup / RUN_DIR / HISTORY_FILE
     previous = [row for row in read_history(history_path) if int(row["epoch"]) < resumed_epoch(backup)]
-    best_so_far = min((row[MONITOR] for row in previous if MONITOR in row), default=None)
-    callbacks = make_callbacks(backup, patience=int(train_config["early_stopping_patience"]), best_so_far=best_so_far)
+    callbacks = make_callbacks(backup, monitor=str(train_config["monitor"]), patience=patience, previous=previous)
     with warnings.catch_warnings():
-        # The streamed TFRecords have no known length, so each epoch ends by running out of data;
-        # Keras warns about that every epoch although it is the intended end of an epoch.
+        # The streamed eval TFRecords have no declared length, so each evaluation ends by running
+        # out of data; Keras warns about that every epoch although it is the intended end.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         # verbose=0: the epoch_progress callback reports instead. shuffle=False: make_dataset already
         # shuffles; Keras cannot shuffle a tf.data input and warns when asked to (its default).
-        model.fit(train, validation_data=evaluation, epochs=int(train_config["epochs"]), callbacks=callbacks,
-                  verbose=0, shuffle=False)
+        model.fit(train, validation_data=evaluation, epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
     history = read_history(history_path)
     if not history:
         raise TrainingError(f"{history_path}: training produced no completed epoch")

@@ -219,6 +219,7 @@ def tiny_pipeline_overrides() -> Callable[..., dict]:
             "model.depth": 2,
             "model.batch_norm": False,
             "train.epochs": 1,
+            "train.min_steps": 0,  # one epoch, however few steps it has
             "train.batch_size": 8,
             "train.early_stopping_patience": 0,
             "evaluation.pixel_accuracy_threshold": 0.0,

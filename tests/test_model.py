@@ -8,6 +8,7 @@ import pytest
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.model import (
+    SegmentationLoss,
     SegmentationMetric,
     build_unet,
     dice,
@@ -150,3 +151,85 @@ def test_tiny_unet_loss_falls_on_generated_data():
     history = model.fit(images, masks, batch_size=8, epochs=6, verbose=0).history
     assert history["loss"][-1] < 0.8 * history["loss"][0]
     assert set(history) >= {"pixel_accuracy", "iou", "dice"}
+
+
+def test_batch_norm_momentum_reaches_every_bn_layer():
+    model = build_unet((16, 16, 3), 2, 4, 2, batch_norm=True, bn_momentum=0.8)
+    norms = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+    assert len(norms) == 10 and {layer.momentum for layer in norms} == {0.8}  # 2 per level, 5 levels
+    assert {layer.momentum for layer in build_unet((16, 16, 3), 2, 4, 2, batch_norm=True).layers
+            if type(layer).__name__ == "BatchNormalization"} == {0.99}  # Keras's default
+
+
+def test_class_weighted_crossentropy_is_the_weighted_mean_over_valid_pixels():
+    p = BINARY_PROBS[0, ..., 0]
+    t = LABELS[0]
+    valid = t != 255
+    pixel = -np.where(t == 1, np.log(p), np.log(1 - p))
+    w = np.where(t == 1, 3.0, 0.5)
+    expected = (pixel * w)[valid].sum() / w[valid].sum()
+    assert float(masked_crossentropy(LABELS, BINARY_PROBS, [0.5, 3.0])) == pytest.approx(expected, rel=1e-5)
+    # Softmax: class 2 weighted 4x against class 0.
+    probs3 = np.array([[[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]]], np.float32)
+    labels3 = np.array([[[0, 2, 255]]])
+    expected3 = (-math.log(0.7) * 1 - math.log(0.8) * 4) / 5
+    assert float(masked_crossentropy(labels3, probs3, [1.0, 1.0, 4.0])) == pytest.approx(expected3, rel=1e-5)
+    assert float(dice_bce_loss(labels3, probs3, [1.0, 1.0, 4.0])) == pytest.approx(
+        expected3 + float(soft_dice_loss(labels3, probs3)), rel=1e-5)
+
+
+def test_k_class_soft_dice_is_the_mean_over_foreground_classes():
+    # 3 classes, 4 valid pixels. Class 1: p = [0.2, 0.6, 0.1, 0.1], t = [0, 1, 0, 0] -> 2*0.6 / (1.0 + 1);
+    # class 2: p = [0.1, 0.2, 0.8, 0.1], t = [0, 0, 1, 0] -> 2*0.8 / (1.2 + 1). Background is left out.
+    probs = np.array([[[[0.7, 0.2, 0.1], [0.2, 0.6, 0.2], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1], [0.0, 0.0, 1.0]]]], np.float32)
+    labels = np.array([[[0, 1, 2, 0, 255]]])
+    expected = 1 - (1.2 / 2.0 + 1.6 / 2.2) / 2
+    assert float(soft_dice_loss(labels, probs)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_class_weights_survive_the_loss_config():
+    loss = get_loss("dice_bce", [0.5, 2.0, 6.0])
+    again = SegmentationLoss.from_config(loss.get_config())
+    assert (again.kind, again.class_weights) == ("dice_bce", [0.5, 2.0, 6.0])
+    assert get_loss("bce").class_weights is None
+
+
+def rare_class_data(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """32 px: a red rectangle of class 1 (~15% of the pixels) and a 5x5 blue square of class 2 (~2.4%)."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.4, (num, 32, 32, 3)).astype(np.float32)
+    masks = np.zeros((num, 32, 32), np.int64)
+    for i in range(num):
+        h, w = rng.integers(10, 16, 2)
+        y, x = rng.integers(0, 32 - h), rng.integers(0, 32 - w)
+        images[i, y : y + h, x : x + w, 0] += 0.5
+        masks[i, y : y + h, x : x + w] = 1
+        y, x = rng.integers(0, 27, 2)
+        images[i, y : y + 5, x : x + 5, 2] += 0.5
+        masks[i, y : y + 5, x : x + 5] = 2
+    return images, masks
+
+
+def test_imbalance_loss_learns_a_rare_class_that_plain_crossentropy_misses():
+    import keras
+
+    from segpipe.components.trainer import class_weights_from_counts
+
+    images, masks = rare_class_data(32, 0)
+    eval_images, eval_masks = rare_class_data(16, 1)
+    counts = np.bincount(masks.ravel(), minlength=3)
+    assert 0.02 < counts[2] / counts.sum() < 0.04
+    weights = class_weights_from_counts(counts.tolist())
+    rare_iou = {}
+    for name, loss in (("ce", get_loss("bce")), ("dice_ce_weighted", get_loss("dice_bce", weights))):
+        keras.utils.set_random_seed(0)
+        model = build_unet((32, 32, 3), 3, base_filters=4, depth=2)
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=loss)
+        model.fit(images, masks, batch_size=8, epochs=25, verbose=0)
+        metric = SegmentationMetric("iou", 3)
+        metric.update_state(eval_masks, model(eval_images))
+        counts_ = {k: v.numpy() for k, v in metric.counts.items()}
+        union = counts_["predicted"] + counts_["target"] - counts_["intersection"]
+        rare_iou[name] = float(counts_["intersection"][2] / union[2])
+    assert rare_iou["dice_ce_weighted"] > 0.2, rare_iou
+    assert rare_iou["ce"] < rare_iou["dice_ce_weighted"], rare_iou

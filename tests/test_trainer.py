@@ -14,13 +14,13 @@ from segpipe.components import trainer
 from segpipe.components.core.errors import BadInputError, TrainingError
 
 SIZE = 32
-MODEL_CONFIG = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0}
+MODEL_CONFIG = {"base_filters": 4, "depth": 2, "batch_norm": False, "dropout": 0.0, "bn_momentum": "auto"}
 
 
 def train_config(**overrides: object) -> dict:
     from segpipe.pipeline.config import load_config
 
-    cfg = load_config(overrides={"train.epochs": 2, "train.batch_size": 2, "train.shuffle_buffer": 8})
+    cfg = load_config(overrides={"train.epochs": 2, "train.batch_size": 2, "train.shuffle_buffer": 8, "train.min_steps": 0})
     return {**dataclasses.asdict(cfg.train), **overrides}
 
 
@@ -58,40 +58,48 @@ def run_trainer(tiny_transform: dict, out: Path, transformed: Path | None = None
 
 @pytest.fixture(scope="module")
 def trained(tiny_transform, tmp_path_factory):
-    """A run preempted after epoch 1, then rerun: (first error, result of the rerun, output dir)."""
+    """A run preempted after epoch 1, then rerun: (state after the kill, result of the rerun, output
+    dir, first error, the optimizer's step and learning rate when the rerun's training began)."""
+    import keras
 
     class Preempted(Exception):
         pass
 
+    class PreemptAfterFirstEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                raise Preempted("killed after epoch 1")
+
+    class RecordResumedOptimizer(keras.callbacks.Callback):
+        seen: dict = {}
+
+        def on_train_begin(self, logs=None):  # after BackupAndRestore (earlier in the list) restored
+            optimizer = self.model.optimizer
+            self.seen.update(step=int(optimizer.iterations.numpy()), rate=float(optimizer.learning_rate.numpy()))
+
     out = tmp_path_factory.mktemp("trainer")
     original = trainer.make_callbacks
 
-    def preempting_callbacks(*args, **kwargs):
-        import keras
+    def with_callback(extra):
+        return lambda *args, **kwargs: original(*args, **kwargs) + [extra]
 
-        class PreemptAfterFirstEpoch(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                if epoch == 0:
-                    raise Preempted("killed after epoch 1")
-
-        return original(*args, **kwargs) + [PreemptAfterFirstEpoch()]
-
-    trainer.make_callbacks = preempting_callbacks
+    trainer.make_callbacks = with_callback(PreemptAfterFirstEpoch())
     try:
         with pytest.raises(Preempted) as first:
             run_trainer(tiny_transform, out)
+        state = {
+            "model_published": (out / "model").exists(),
+            "backup_epoch": trainer.resumed_epoch(out / "backup"),
+        }
+        trainer.make_callbacks = with_callback(RecordResumedOptimizer())
+        result = run_trainer(tiny_transform, out)
     finally:
         trainer.make_callbacks = original
-    state = {
-        "model_published": (out / "model").exists(),
-        "backup_epoch": trainer.resumed_epoch(out / "backup"),
-    }
-    result = run_trainer(tiny_transform, out)
-    return state, result, out, first
+    return state, result, out, first, RecordResumedOptimizer.seen
 
 
 def test_killed_trainer_resumes_at_epoch_two(trained):
-    state, result, out, first = trained
+    state, result, out, first, _ = trained
     assert "killed after epoch 1" in str(first.value)
     assert state == {"model_published": False, "backup_epoch": 1}
     assert result["initial_epoch"] == 1 and result["epochs"] == 2
@@ -100,8 +108,19 @@ def test_killed_trainer_resumes_at_epoch_two(trained):
     assert not (out / "backup").exists()
 
 
+def test_resumed_run_continues_the_learning_rate_schedule(trained):
+    # 4 train examples, batch 2: 2 steps per epoch, 4 planned; the rerun starts at step 2, the
+    # middle of the cosine decay (no warm-up step: 5% of 4 rounds to 0), not at its beginning.
+    _, result, _, _, resumed = trained
+    assert result["plan"] == {"records": 4, "configured_epochs": 2, "epochs": 2, "steps_per_epoch": 2, "steps": 4,
+                              "early_stopping_patience": 5}
+    peak = train_config()["learning_rate"]
+    assert resumed["step"] == 2
+    assert resumed["rate"] == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 2 / 4)), rel=1e-5)
+
+
 def test_trainer_publishes_model_and_run_artifacts(trained):
-    _, result, out, _ = trained
+    _, result, out, _, _ = trained
     model_dir, run_dir = out / "model", out / "model_run"
     assert (model_dir / artifacts.SAVED_MODEL_DIR / "saved_model.pb").is_file()
     assert (model_dir / artifacts.KERAS_MODEL_FILE).is_file()
@@ -111,6 +130,9 @@ def test_trainer_publishes_model_and_run_artifacts(trained):
     assert any((run_dir / trainer.LOGS_DIR).rglob("events.out.tfevents.*"))
     assert set(result["metrics"]) == {"val_loss", "val_pixel_accuracy", "val_iou", "val_dice"}
     assert result["precision"] == "float32" and result["replicas"] == 1
+    assert result["monitor"] == "val_iou" and set(result["best_epoch_metrics"]) == set(result["metrics"])
+    assert result["bn_momentum"] is None and result["bn_recalibration_batches"] == 0  # no BN layer
+    assert result["class_weights"] is None and len(result["iou_per_class"]) == 2  # train.class_weights: none
     assert result["counts"] == {"train": 4, "eval": 4}
     assert artifacts.read_info(model_dir).counts == {"train": 4, "eval": 4}
     json.dumps(result)  # the component returns JSON-able values
@@ -119,17 +141,18 @@ def test_trainer_publishes_model_and_run_artifacts(trained):
 def test_warm_start_copies_matching_weights_and_skips_other_architectures(trained):
     import keras
 
-    _, _, out, _ = trained
-    model = trainer.create_model(SIZE, 2, MODEL_CONFIG)
+    _, _, out, _, _ = trained
+    built = {**MODEL_CONFIG, "bn_momentum": 0.99}  # create_model takes a resolved momentum
+    model = trainer.create_model(SIZE, 2, built)
     assert trainer.warm_start(model, str(out / "model"))["used"] is True
     base = keras.saving.load_model(out / "model" / artifacts.KERAS_MODEL_FILE, compile=False)
     for a, b in zip(model.get_weights(), base.get_weights()):
         np.testing.assert_array_equal(a, b)
-    wider = trainer.create_model(SIZE, 2, {**MODEL_CONFIG, "base_filters": 8})
+    wider = trainer.create_model(SIZE, 2, {**built, "base_filters": 8})
     outcome = trainer.warm_start(wider, str(out / "model"))
     assert outcome["used"] is False and "architecture differs" in outcome["reason"]
     with pytest.raises(BadInputError, match="base model maps"):
-        trainer.warm_start(trainer.create_model(64, 2, MODEL_CONFIG), str(out / "model"))
+        trainer.warm_start(trainer.create_model(64, 2, built), str(out / "model"))
     with pytest.raises(BadInputError, match="model.keras: base model for warm start not found"):
         trainer.warm_start(model, str(out / "missing"))
 
@@ -195,3 +218,142 @@ def test_cli_train_reports_bad_input_with_exit_code_2(tiny_transform, tmp_path, 
     assert code == 2
     assert "image_size 64 needs 12288" in capsys.readouterr().err
     assert not (tmp_path / "train" / "model").exists()
+
+
+# ---------------------------------------------------------------- training plan (pure functions)
+
+
+def test_min_steps_raises_the_epochs_of_a_small_dataset_and_scales_patience():
+    # 144 train examples, batch 16: 9 steps per epoch; 12 epochs = 108 steps < 500.
+    plan = trainer.plan_training(144, batch_size=16, epochs=12, min_steps=500, patience=4)
+    assert plan == {"records": 144, "configured_epochs": 12, "epochs": 56, "steps_per_epoch": 9, "steps": 504,
+                    "early_stopping_patience": 19}
+    # Enough steps already (800 examples: 50 per epoch, 600 steps): nothing changes.
+    assert trainer.plan_training(800, batch_size=16, epochs=12, min_steps=500, patience=4) == {
+        "records": 800, "configured_epochs": 12, "epochs": 12, "steps_per_epoch": 50, "steps": 600, "early_stopping_patience": 4}
+    assert trainer.plan_training(5, batch_size=16, epochs=3, min_steps=0, patience=0)["epochs"] == 3
+
+
+def test_auto_bn_momentum_averages_over_a_third_of_an_epoch_within_limits():
+    assert trainer.fitted_bn_momentum(9, 504) == 0.75  # window 3 steps, raised to the minimum 4
+    assert trainer.fitted_bn_momentum(60, 720) == pytest.approx(0.95)  # window 20 steps
+    assert trainer.fitted_bn_momentum(60, 100) == pytest.approx(0.9)  # window 10: a tenth of a short run
+    assert trainer.fitted_bn_momentum(5000, 100000) == pytest.approx(0.99)  # Keras's default for long epochs
+
+
+def test_class_weights_are_inverse_sqrt_frequency_normalised_and_capped():
+    weights = trainer.class_weights_from_counts([900, 90, 10])
+    f = np.array([0.9, 0.09, 0.01])
+    expected = 1 / np.sqrt(f) / np.sqrt(f).sum()
+    np.testing.assert_allclose(weights, expected, rtol=1e-3)
+    assert float(np.dot(f, weights)) == pytest.approx(1.0, rel=1e-3)  # the loss keeps its scale
+    capped = trainer.class_weights_from_counts([10**8, 1, 0])
+    assert capped[1] == trainer.MAX_CLASS_WEIGHT and capped[2] == 1.0
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_constant_stays():
+    config = train_config(learning_rate=0.01, lr_schedule="cosine", warmup_fraction=0.1)
+    schedule = trainer.learning_rate(config, 100)
+    rates = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
+    assert rates == pytest.approx([0.0, 0.005, 0.01, 0.005, 0.0], abs=1e-6)
+    assert trainer.learning_rate(train_config(learning_rate=0.01, lr_schedule="constant"), 100) == 0.01
+
+
+def test_resumed_checkpoint_and_early_stopping_continue_from_the_history(tmp_path):
+    import keras
+
+    previous = [{"epoch": 0, "val_iou": 0.4, "val_loss": 0.9}, {"epoch": 1, "val_iou": 0.6, "val_loss": 0.8},
+                {"epoch": 2, "val_iou": 0.5, "val_loss": 0.7}]
+    callbacks = trainer.make_callbacks(tmp_path, monitor="val_iou", patience=3, previous=previous)
+    checkpoint = next(c for c in callbacks if isinstance(c, keras.callbacks.ModelCheckpoint))
+    stopping = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+    stopping.on_train_begin()
+    assert (checkpoint.best, checkpoint.mode) == (0.6, "max")
+    assert (stopping.best, stopping.best_epoch, stopping.wait) == (0.6, 1, 1)  # one epoch since the best
+    by_loss = trainer.make_callbacks(tmp_path, monitor="val_loss", patience=3, previous=previous)
+    stopping = next(c for c in by_loss if isinstance(c, keras.callbacks.EarlyStopping))
+    stopping.on_train_begin()
+    assert (stopping.best, stopping.wait) == (0.7, 0)
+
+
+def test_scan_masks_counts_records_and_pixels_and_rejects_unknown_labels(tmp_path):
+    masks = np.zeros((3, SIZE, SIZE), np.int64)
+    masks[0, :4] = 1
+    masks[1, 0, 0] = 255
+    write_transformed(tmp_path / "ok", "train", np.zeros((3, SIZE, SIZE, 3), np.float32), masks)
+    records, pixels = trainer.scan_masks(artifacts.split_files(tmp_path / "ok", "train"), SIZE, 2)
+    assert records == 3 and pixels == [3 * SIZE * SIZE - 4 * SIZE - 1, 4 * SIZE]
+    masks[2, 5, 5] = 3
+    write_transformed(tmp_path / "bad", "train", np.zeros((3, SIZE, SIZE, 3), np.float32), masks)
+    with pytest.raises(BadInputError, match=r"data-00000-of-00001.tfrecord.gz: mask label 3 outside 0..1 and 255"):
+        trainer.scan_masks(artifacts.split_files(tmp_path / "bad", "train"), SIZE, 2)
+
+
+# ---------------------------------------------------------------- batch norm in a short run
+
+
+def squares(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dark noise with one bright rectangle per image (the foreground), as transformed examples."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 0.4, (num, SIZE, SIZE, 3)).astype(np.float32)
+    masks = np.zeros((num, SIZE, SIZE), np.int64)
+    for i in range(num):
+        h, w = rng.integers(8, 16, 2)
+        y, x = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)
+        images[i, y : y + h, x : x + w] += 0.5
+        masks[i, y : y + h, x : x + w] = 1
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def short_bn_runs(tiny_transform, tmp_path_factory):
+    """The same 60-step batch-norm training (32 train examples, batch 8) three ways: the default
+    (`bn_momentum: auto`), Keras's default momentum 0.99, and 0.99 with the statistics recalibrated
+    after training. Per setup: the summary and the exported model's eval scores in inference mode
+    and in training mode."""
+    import keras
+
+    root = tmp_path_factory.mktemp("short_bn")
+    data = root / "transformed"
+    write_transformed(data, "train", *squares(32, 0))
+    write_transformed(data, "eval", *squares(16, 1))
+    config = train_config(epochs=2, batch_size=8, min_steps=60, early_stopping_patience=0, learning_rate=0.01)
+    eval_batches = trainer.make_dataset(artifacts.split_files(data, "eval"), image_size=SIZE, batch_size=8, training=False)
+    runs = {}
+    for name, momentum, recalibration in (("auto", "auto", 0), ("keras_default", 0.99, 0), ("recalibrated", 0.99, 50)):
+        out = root / name
+        result = run_trainer(tiny_transform, out, transformed=data,
+                             model_config={**MODEL_CONFIG, "batch_norm": True, "bn_momentum": momentum},
+                             train_config={**config, "bn_recalibration_batches": recalibration})
+        model = keras.saving.load_model(out / "model" / artifacts.KERAS_MODEL_FILE, compile=False)
+        runs[name] = {"result": result, "inference": trainer.score(model, eval_batches, 2),
+                      "training": trainer.score(model, eval_batches, 2, training=True)}
+    return runs
+
+
+def gaps(run: dict) -> dict[str, float]:
+    """Training-mode minus inference-mode score of the exported model on the same eval batches."""
+    return {metric: run["training"][metric] - run["inference"][metric] for metric in ("iou", "pixel_accuracy")}
+
+
+def test_short_run_inference_mode_scores_what_training_mode_scores(short_bn_runs):
+    run = short_bn_runs["auto"]
+    assert run["result"]["plan"]["steps"] == 60 and run["result"]["bn_momentum"] == 0.75
+    assert run["result"]["bn_recalibration_batches"] == 0  # the default: the fitted momentum alone
+    assert run["result"]["metrics"]["val_iou"] == pytest.approx(run["inference"]["iou"], abs=1e-6)
+    assert all(abs(gap) < 0.05 for gap in gaps(run).values()), run
+
+
+def test_keras_default_momentum_fails_the_same_check(short_bn_runs):
+    # The control for the test above: 60 steps at momentum 0.99 leave the moving statistics 55%
+    # at their initial values, so inference mode is far from training mode on the same data.
+    run = short_bn_runs["keras_default"]
+    assert run["result"]["bn_momentum"] == 0.99 and run["result"]["bn_recalibration_batches"] == 0
+    assert gaps(run)["iou"] > 0.2 and gaps(run)["pixel_accuracy"] > 0.05, run
+
+
+def test_recalibration_repairs_the_statistics_of_momentum_099(short_bn_runs):
+    run = short_bn_runs["recalibrated"]
+    assert run["result"]["bn_recalibration_batches"] == 4  # the whole train split, 4 batches of 8
+    assert all(abs(gap) < 0.05 for gap in gaps(run).values()), run
+    assert run["inference"]["iou"] > short_bn_runs["keras_default"]["inference"]["iou"] + 0.2

@@ -23,12 +23,19 @@ EPSILON = 1e-7
 # ---------------------------------------------------------------- architecture
 
 
-def conv_block(x: Any, filters: int, name: str, *, batch_norm: bool = False, dropout: float = 0.0) -> Any:
-    """Two 3x3 'same' convolutions with ReLU (the tutorial's level), optional BN and dropout."""
+def conv_block(
+    x: Any, filters: int, name: str, *, batch_norm: bool = False, bn_momentum: float = 0.99, dropout: float = 0.0
+) -> Any:
+    """Two 3x3 'same' convolutions with ReLU (the tutorial's level), optional BN and dropout.
+
+    `bn_momentum` is the moving-average momentum of the BN statistics that inference uses. Keras's
+    0.99 still weighs the initial values (mean 0, variance 1) by 0.99**n after n steps, 27% after
+    130, so a short run needs a smaller one (the trainer fits it to the run).
+    """
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
@@ -65,6 +72,7 @@ def build_unet(
     depth: int = 4,
     batch_norm: bool = False,
     dropout: float = 0.0,
+    bn_momentum: float = 0.99,
     name: str = "unet",
 ) -> keras.Model:
     """The tutorial's U-Net, generalised: `depth` pooling levels, filters doubling from `base_filters`.
@@ -78,7 +86,7 @@ def build_unet(
         raise ValueError(f"input_shape {input_shape}: height and width must be divisible by 2**depth = {factor}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    block = {"batch_norm": batch_norm, "dropout": dropout}
+    block = {"batch_norm": batch_norm, "bn_momentum": bn_momentum, "dropout": dropout}
     inputs = keras.Input(shape=tuple(input_shape), name="image")
     x, skips = inputs, []
     for level in range(1, depth + 1):
@@ -117,12 +125,20 @@ def predicted_classes(y_pred: Any) -> Any:
 # ---------------------------------------------------------------- losses
 
 
-def masked_crossentropy(y_true: Any, y_pred: Any) -> Any:
-    """Mean cross-entropy over non-ignored pixels.
+def _pixel_weights(labels: Any, valid: Any, class_weights: Any) -> Any:
+    """w = v * class_weights[t] per pixel (v = 1 where y_true != 255); w = v without class weights."""
+    if class_weights is None:
+        return valid
+    return ops.take(ops.convert_to_tensor(class_weights, "float32"), labels) * valid
+
+
+def masked_crossentropy(y_true: Any, y_pred: Any, class_weights: Any = None) -> Any:
+    """Mean cross-entropy over non-ignored pixels, optionally weighted by the pixel's true class.
 
     Binary head: -[t log p + (1 - t) log(1 - p)] (the tutorial's binary cross-entropy);
-    softmax: -log p_t. Probabilities are clipped to [eps, 1 - eps]. Mean = sum(loss * v) / sum(v),
-    v = 1 where y_true != 255; 0 when every pixel is ignored.
+    softmax: -log p_t. Probabilities are clipped to [eps, 1 - eps]. Mean = sum(loss * w) / sum(w),
+    w = v * class_weights[t] with v = 1 where y_true != 255 (w = v without class weights; the binary
+    head takes [w_background, w_foreground]); 0 when every pixel is ignored.
     """
     labels, valid = _labels_and_valid(y_true, y_pred)
     probs = ops.clip(ops.cast(y_pred, "float32"), EPSILON, 1.0 - EPSILON)
@@ -131,14 +147,17 @@ def masked_crossentropy(y_true: Any, y_pred: Any) -> Any:
         pixel = -(target * ops.log(probs) + (1.0 - target) * ops.log(1.0 - probs))[..., 0]
     else:
         pixel = -ops.sum(target * ops.log(probs), axis=-1)
-    return ops.sum(pixel * valid) / ops.maximum(ops.sum(valid), 1.0)
+    weight = _pixel_weights(labels, valid, class_weights)
+    return ops.sum(pixel * weight) / ops.maximum(ops.sum(weight), EPSILON)
 
 
 def soft_dice_loss(y_true: Any, y_pred: Any) -> Any:
-    """1 - soft Dice over non-ignored pixels, averaged over foreground channels.
+    """1 - soft Dice over non-ignored pixels, averaged over the foreground classes.
 
-    Dice_c = (2 sum(p_c t_c v) + eps) / (sum(p_c v) + sum(t_c v) + eps); foreground channels are the
-    single sigmoid channel, or softmax channels 1..K-1 (background excluded).
+    Dice_c = (2 sum(p_c t_c v) + eps) / (sum(p_c v) + sum(t_c v) + eps), summed over the whole batch;
+    foreground channels are the single sigmoid channel, or softmax channels 1..K-1 (background
+    excluded). Every foreground class counts equally whatever its pixel share, which is what lets a
+    class covering a few percent of the pixels pull as hard as a large one.
     """
     labels, valid = _labels_and_valid(y_true, y_pred)
     target = _one_hot(labels, y_pred.shape[-1])
@@ -153,9 +172,12 @@ def soft_dice_loss(y_true: Any, y_pred: Any) -> Any:
     return 1.0 - ops.mean(dice)
 
 
-def dice_bce_loss(y_true: Any, y_pred: Any) -> Any:
-    """masked_crossentropy + soft_dice_loss (both ignore label 255)."""
-    return masked_crossentropy(y_true, y_pred) + soft_dice_loss(y_true, y_pred)
+def dice_bce_loss(y_true: Any, y_pred: Any, class_weights: Any = None) -> Any:
+    """masked_crossentropy (class-weighted when weights are given) + soft_dice_loss; both ignore 255.
+
+    Binary or K-class alike: the cross-entropy is binary for the sigmoid head, categorical otherwise.
+    """
+    return masked_crossentropy(y_true, y_pred, class_weights) + soft_dice_loss(y_true, y_pred)
 
 
 LOSSES = {"bce": masked_crossentropy, "dice_bce": dice_bce_loss}
@@ -166,25 +188,29 @@ class SegmentationLoss(keras.losses.Loss):
     """Keras wrapper that hands (y_true, y_pred) to the pure loss unchanged.
 
     (keras.losses.LossFunctionWrapper would squeeze a 1-channel y_pred to the label's rank.)
-    The pure losses already return the mean over valid pixels, a scalar.
+    The pure losses already return the mean over valid pixels, a scalar. `class_weights` (one per
+    data class, or None) weight the cross-entropy term.
     """
 
-    def __init__(self, kind: str = "bce", name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, kind: str = "bce", class_weights: list[float] | None = None, name: str | None = None, **kwargs: Any
+    ) -> None:
         if kind not in LOSSES:
             raise ValueError(f"train.loss: {kind!r} is not one of {', '.join(LOSSES)}")
         super().__init__(name=name or kind, **kwargs)
         self.kind = kind
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return LOSSES[self.kind](y_true, y_pred)
+        return LOSSES[self.kind](y_true, y_pred, self.class_weights)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "kind": self.kind}
+        return {**super().get_config(), "kind": self.kind, "class_weights": self.class_weights}
 
 
-def get_loss(name: str) -> SegmentationLoss:
-    """The Keras loss for config `train.loss` ('bce' or 'dice_bce')."""
-    return SegmentationLoss(name)
+def get_loss(name: str, class_weights: list[float] | None = None) -> SegmentationLoss:
+    """The Keras loss for config `train.loss` ('bce' or 'dice_bce'), optionally class-weighted."""
+    return SegmentationLoss(name, class_weights)
 
 
 # ---------------------------------------------------------------- metrics (pure functions)
