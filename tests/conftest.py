@@ -204,6 +204,22 @@ def kfp_stub_server():
 
 
 @pytest.fixture(scope="session")
+def tiny_segpipe(tiny_pipeline_overrides) -> Callable[..., Callable[..., int]]:
+    """`tiny_segpipe(root, **more)`: a function running `segpipe <argv...> --root root` with the tiny
+    overrides (plus `more`), returning the exit code: for tests that drive several commands on a root."""
+    import json
+
+    from segpipe.pipeline.cli import main
+
+    def _make(root: str | os.PathLike, **more: object) -> Callable[..., int]:
+        overrides = tiny_pipeline_overrides(root, **more)
+        sets = [a for key, value in overrides.items() if key != "root" for a in ("--set", f"{key}={json.dumps(value)}")]
+        return lambda *argv: main([*argv, "--root", str(root), *sets])
+
+    return _make
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline_overrides() -> Callable[..., dict]:
     """`tiny_pipeline_overrides(root, **more)`: config overrides for a full pipeline run in seconds.
 

@@ -14,17 +14,12 @@ import pytest
 
 from segpipe.components import pusher
 from segpipe.components.core.serving import SERVING_INFO_FILE, list_version_numbers
-from segpipe.pipeline.cli import main
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, write_tiny_span, tiny_pipeline_overrides):
+def interrupted(tmp_path_factory, write_tiny_span, tiny_segpipe):
     root = tmp_path_factory.mktemp("recovery") / "root"
-    overrides = tiny_pipeline_overrides(root, **{"train.warm_start": False})
-    sets = [arg for key, value in overrides.items() if key != "root" for arg in ("--set", f"{key}={json.dumps(value)}")]
-
-    def segpipe(*argv: str) -> int:
-        return main([*argv, "--root", str(root), *sets])
+    segpipe = tiny_segpipe(root, **{"train.warm_start": False})
 
     write_tiny_span(root / "data", 1, num=24, size=(32, 32), seed=1)
     assert segpipe("run") == 0

@@ -16,19 +16,14 @@ from segpipe.components.core import artifacts
 from segpipe.components.core.serving import SERVING_INFO_FILE, list_version_numbers
 from segpipe.components.pusher import PUSH_RESULT_FILE, push_model
 from segpipe.pipeline import metadata as md
-from segpipe.pipeline.cli import main
 from segpipe.pipeline.config import load_config
 
 
 @pytest.fixture(scope="module")
-def rolled_back(tmp_path_factory, write_tiny_span, tiny_pipeline_overrides):
+def rolled_back(tmp_path_factory, write_tiny_span, tiny_segpipe):
     """Spans 1 and 2 pushed as v1 and v2, then `serving rollback 1` (v3)."""
     root = tmp_path_factory.mktemp("rollback") / "root"
-    overrides = tiny_pipeline_overrides(root, **{"train.warm_start": False})
-    sets = [arg for key, value in overrides.items() if key != "root" for arg in ("--set", f"{key}={json.dumps(value)}")]
-
-    def segpipe(*argv: str) -> int:
-        return main([*argv, "--root", str(root), *sets])
+    segpipe = tiny_segpipe(root, **{"train.warm_start": False})
 
     for span in (1, 2):
         write_tiny_span(root / "data", span, num=24, size=(32, 32), seed=span)
