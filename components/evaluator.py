@@ -72,19 +72,9 @@ def _pair(value: float, other: float) -> tuple[str, str]:
     return repr(float(value)), repr(float(other))
 
 
-def decide_blessing(
-    metrics: dict[str, Any],
-    baseline: dict[str, Any] | None,
-    *,
-    pixel_accuracy_threshold: float,
-    min_foreground_iou: float,
-    max_regression: float,
-    min_class_iou: float | None,
-) -> tuple[bool, list[str]]:
-    """(blessed, reasons it is not): absolute thresholds (equal passes) and the baseline rule."""
-    return verdict(gate_checks(metrics, baseline, pixel_accuracy_threshold=pixel_accuracy_threshold,
-                               min_foreground_iou=min_foreground_iou, max_regression=max_regression,
-                               min_class_iou=min_class_iou))
+def decide_blessing(metrics: dict[str, Any], baseline: dict[str, Any] | None, **gate: Any) -> tuple[bool, list[str]]:
+    """(blessed, reasons it is not) of `gate_checks` with the same gate parameters."""
+    return verdict(gate_checks(metrics, baseline, **gate))
 
 
 def verdict(checks: list[dict[str, Any]]) -> tuple[bool, list[str]]:
