@@ -119,12 +119,13 @@ class Metadata:
     @staticmethod
     def _open(metadata_store: Any, connection: Any) -> Any:
         """Open the store; two processes creating the schema of an empty MySQL database at once make
-        ML Metadata see half of it ("a subset of tables ... Please retry"): retry, as it says."""
+        ML Metadata see half of it ("a subset of tables ...", "MLMDEnv table exists but no
+        schema_version ...", each ending "Please retry connection."): retry, as it says."""
         for attempt in range(OPEN_RETRIES):
             try:
                 return metadata_store.MetadataStore(connection)
             except Exception as exc:  # noqa: BLE001 - ml_metadata raises its own StatusErrors
-                if "subset of tables" not in str(exc) or attempt == OPEN_RETRIES - 1:
+                if "Please retry" not in str(exc) or attempt == OPEN_RETRIES - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")

@@ -102,3 +102,38 @@ def test_gc_keeps_the_outputs_of_one_execution_together(meta, tmp_path):
     [model_run] = meta.artifacts_by_uri([str(tmp_path / "model_run")])
     assert meta.with_sibling_outputs({model.id}) == {model.id, model_run.id}
     assert meta.with_sibling_outputs(set()) == set()
+
+
+@pytest.mark.parametrize("half_made", [
+    "MySQL database was not initialized. Please ensure your MySQL server is running. "
+    "Also, this error might be caused by starting from MySQL 8.0.4 ... a subset of tables exists. Please retry connection.",
+    "In the given db, MLMDEnv table exists but no schema_version can be found. This may be due to "
+    "concurrent connection to the empty database. Please retry connection.",
+])
+def test_opening_a_store_another_process_is_creating_retries(monkeypatch, half_made):
+    """Two runs creating an empty MySQL store's schema at once: ML Metadata asks to retry, so we do."""
+    monkeypatch.setattr(md.time, "sleep", lambda _s: None)
+    calls = []
+
+    class FlakyStore:
+        def __init__(self, _connection):
+            calls.append(1)
+            if len(calls) < 3:
+                raise RuntimeError(half_made)
+
+    fake_module = type("M", (), {"MetadataStore": FlakyStore})
+    assert isinstance(md.Metadata._open(fake_module, object()), FlakyStore)
+    assert len(calls) == 3
+
+
+def test_a_store_error_that_asks_for_no_retry_is_raised_at_once(monkeypatch):
+    calls = []
+
+    class BrokenStore:
+        def __init__(self, _connection):
+            calls.append(1)
+            raise RuntimeError("Access denied for user 'mlmd'")
+
+    with pytest.raises(RuntimeError, match="Access denied"):
+        md.Metadata._open(type("M", (), {"MetadataStore": BrokenStore}), object())
+    assert calls == [1]
