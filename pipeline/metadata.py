@@ -17,11 +17,13 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.errors import EXIT_FAILURE, BadInputError
 from segpipe.pipeline.config import SegpipeConfig
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ def _set_props(message: Any, properties: Mapping[str, Any]) -> None:
             _to_value(value, message.custom_properties[key])
 
 
+_RETRY_OPEN = ("Please retry", "try restarting transaction")
 OPEN_RETRIES = 10  # opening an empty MySQL store while another process creates its schema
 
 
@@ -120,12 +123,13 @@ class Metadata:
     def _open(metadata_store: Any, connection: Any) -> Any:
         """Open the store; two processes creating the schema of an empty MySQL database at once make
         ML Metadata see half of it ("a subset of tables ...", "MLMDEnv table exists but no
-        schema_version ...", each ending "Please retry connection."): retry, as it says."""
+        schema_version ...", each ending "Please retry connection.") or deadlock in MySQL ("try
+        restarting transaction"): retry, as each message says."""
         for attempt in range(OPEN_RETRIES):
             try:
                 return metadata_store.MetadataStore(connection)
             except Exception as exc:  # noqa: BLE001 - ml_metadata raises its own StatusErrors
-                if "Please retry" not in str(exc) or attempt == OPEN_RETRIES - 1:
+                if not any(sign in str(exc) for sign in _RETRY_OPEN) or attempt == OPEN_RETRIES - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -163,15 +167,18 @@ class Metadata:
             put = {"artifact": (pb.ArtifactType, self.store.put_artifact_type),
                    "execution": (pb.ExecutionType, self.store.put_execution_type),
                    "context": (pb.ContextType, self.store.put_context_type)}[kind]
-            self._type_ids[key] = put[1](put[0](name=name))
+            self._type_ids[key] = _another_process_may_create_it(lambda: put[1](put[0](name=name)))
         return self._type_ids[key]
 
     def _context(self, type_name: str, name: str, properties: Mapping[str, Any] | None = None) -> Any:
+        return _another_process_may_create_it(lambda: self._put_context(type_name, name, properties or {}))
+
+    def _put_context(self, type_name: str, name: str, properties: Mapping[str, Any]) -> Any:
         from ml_metadata.proto import metadata_store_pb2 as pb
 
         existing = self.store.get_context_by_type_and_name(type_name, name)
         context = existing or pb.Context(type_id=self._type_id("context", type_name), name=name)
-        _set_props(context, properties or {})
+        _set_props(context, properties)
         [context.id] = self.store.put_contexts([context])
         return context
 
@@ -404,6 +411,17 @@ class Metadata:
 
 
 # SQLite's words for a file it cannot use, whatever query hit it first.
+def _another_process_may_create_it(get_or_create: Callable[[], T]) -> T:
+    """Run a get-or-create once more if another run sharing a MySQL store created the same type or
+    context (the pipeline's, say) between our get and our put: the second time, the get finds it."""
+    from ml_metadata import errors
+
+    try:
+        return get_or_create()
+    except errors.AlreadyExistsError:
+        return get_or_create()
+
+
 _DAMAGED_STORE = ("file is not a database", "database disk image is malformed", "disk I/O error",
                   "database or disk is full", "unable to open database file")
 

@@ -109,6 +109,7 @@ def test_gc_keeps_the_outputs_of_one_execution_together(meta, tmp_path):
     "Also, this error might be caused by starting from MySQL 8.0.4 ... a subset of tables exists. Please retry connection.",
     "In the given db, MLMDEnv table exists but no schema_version can be found. This may be due to "
     "concurrent connection to the empty database. Please retry connection.",
+    "mysql_query aborted: errno: Deadlock found when trying to get lock; try restarting transaction",
 ])
 def test_opening_a_store_another_process_is_creating_retries(monkeypatch, half_made):
     """Two runs creating an empty MySQL store's schema at once: ML Metadata asks to retry, so we do."""
@@ -137,3 +138,23 @@ def test_a_store_error_that_asks_for_no_retry_is_raised_at_once(monkeypatch):
     with pytest.raises(RuntimeError, match="Access denied"):
         md.Metadata._open(type("M", (), {"MetadataStore": BrokenStore}), object())
     assert calls == [1]
+
+
+def test_a_context_another_run_creates_between_our_get_and_put_is_reused(tmp_path):
+    """Two runs on one MySQL store both create the pipeline's context: the loser reuses the winner's."""
+    connection = md.connection_config(load_config(overrides={"root": str(tmp_path)}))
+    first, second = md.Metadata(connection), md.Metadata(connection)  # no flock: as on MySQL
+    real_get = second.store.get_context_by_type_and_name
+    raced = []
+
+    def get_then_lose_the_race(type_name, name):
+        found = real_get(type_name, name)
+        if not raced:  # the other run creates it right after our get saw nothing
+            raced.append(1)
+            first.start_run("shared", "run-a", {})
+        return found
+
+    second.store.get_context_by_type_and_name = get_then_lose_the_race
+    second.start_run("shared", "run-b", {})
+    assert raced and sorted(run["run_id"] for run in first.list_runs()) == ["run-a", "run-b"]
+    assert len(first.store.get_contexts_by_type(md.PIPELINE_CONTEXT)) == 1
