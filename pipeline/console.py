@@ -266,6 +266,11 @@ def session(*, verbose: bool, log_path: Path | None) -> Iterator[Path | None]:
     current.stop(None)
 
 
+def active_log_path() -> Path | None:
+    """The log file the running command writes (None: no session or no log kept)."""
+    return _active.log_path if _active is not None else None
+
+
 def move_log(path: str | os.PathLike) -> Path | None:
     """Move the active session's log file to `path` (it keeps growing there); returns the new path.
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.errors import (
@@ -534,7 +534,8 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
     with artifacts.file_lock(root / ROOT_LOCK, exclusive=True):
         meta = md.Metadata.from_config(cfg)
         keep_ids: set[int] = set()
-        for run in meta.list_runs()[:keep]:
+        runs = meta.list_runs()
+        for run in runs[:keep]:
             keep_ids |= meta.run_artifact_ids(run["run_id"])
         reconcile_serving(cfg, meta)
         live = list_versions(cfg.serving_dir)
@@ -563,4 +564,21 @@ def collect_garbage(cfg: SegpipeConfig, keep: int) -> GcResult:
             freed += dir_size(stale)
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(str(stale))
+        for log_file in collectable_logs(root / console.LOGS_DIR, runs, keep):
+            freed += log_file.stat().st_size
+            log_file.unlink()
+            removed.append(str(log_file))
     return GcResult(freed, removed, len(keep_ids))
+
+
+def collectable_logs(logs_dir: Path, runs: Sequence[Mapping[str, Any]], keep: int) -> list[Path]:
+    """The log files gc removes: those of runs older than the last `keep`, and other commands' logs
+    (`segpipe-<command>-...`) older than the oldest kept run, never the log this command writes."""
+    if not logs_dir.is_dir():
+        return []
+    kept = runs[:keep]
+    oldest_kept = min((float(run.get("started", 0.0)) for run in kept), default=float("inf"))
+    current = console.active_log_path()
+    doomed = [logs_dir / f"{run['run_id']}.log" for run in runs[keep:]]
+    doomed += [path for path in logs_dir.glob("segpipe-*.log") if path.stat().st_mtime < oldest_kept]
+    return sorted({path for path in doomed if path.is_file() and path != current})

@@ -6,6 +6,7 @@ run `create_pipeline(cfg)` with the real components on ~32 tiny images.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -233,6 +234,24 @@ def test_gc_and_runs_commands(tmp_path, capsys):
     assert main(["runs", "--root", str(empty)]) == 2
     assert "no ML Metadata store" in capsys.readouterr().err
     assert not empty.exists()  # a read command creates nothing
+
+
+def test_gc_removes_the_logs_of_collected_runs_and_old_command_logs(tmp_path):
+    calls = Calls()
+    old = run_pipeline(tiny_cfg(tmp_path, **{"train.epochs": 4}), nodes=fake_nodes(calls))
+    new = run_pipeline(tiny_cfg(tmp_path), nodes=fake_nodes(calls))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    old_log, new_log = logs / f"{old.run_id}.log", logs / f"{new.run_id}.log"
+    stale_command, fresh_command, users_file = (logs / "segpipe-runs-1-1.log", logs / "segpipe-runs-2-2.log",
+                                                logs / "notes.txt")
+    for path in (old_log, new_log, stale_command, fresh_command, users_file):
+        path.write_text("x\n")
+    os.utime(stale_command, (1.0, 1.0))  # written long before the kept run started
+    result = collect_garbage(tiny_cfg(tmp_path), keep=1)
+    assert {str(old_log), str(stale_command)} <= set(result.removed)
+    assert not old_log.exists() and not stale_command.exists()
+    assert new_log.exists() and fresh_command.exists() and users_file.exists()
 
 
 def test_check_order_rejects_forward_references():
