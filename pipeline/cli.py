@@ -656,7 +656,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from segpipe.components.core.artifacts import KERAS_MODEL_FILE, fingerprint
     from segpipe.components.core.serving import latest_blessed_model
     from segpipe.components.trainer import train_model
-    from segpipe.pipeline.pipeline import artifact_name, create_pipeline, nodes_by_name, scratch_dir
+    from segpipe.pipeline.pipeline import (
+        PLAN_INPUT, artifact_name, create_pipeline, nodes_by_name, planned_config, scratch_dir,
+    )
 
     cfg = config_from_args(args)
     _refuse_owned_output(args.out, cfg)
@@ -667,6 +669,11 @@ def _run_train(args: argparse.Namespace) -> int:
         base_model = latest_blessed_model(base_model) or base_model  # a serving dir: its latest version
     # The pipeline's Trainer node: the same parameters and output folder names as in a run.
     node = nodes_by_name(create_pipeline(cfg))["trainer"]
+    if args.plan:  # the run's choices, below whatever this command's --config/--set give explicitly
+        cfg = planned_config(node, cfg, {PLAN_INPUT: args.plan})
+    elif cfg.profile == "auto":
+        log.warning("profile auto without --plan: training with the configuration's own values; pass "
+                    "--plan <root>/artifacts/plan/<key>/plan to train with the choices a run planned")
     outputs = {arg: os.path.join(args.out, artifact_name(arg)) for arg in node.outputs}
     key = fingerprint("cli-train", args.transformed, args.transform_graph, base_model, args.out, cfg.as_dict())
     result = train_model(
@@ -692,6 +699,9 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
                    help="warm start from this Model artifact, serving version or serving directory (its latest)")
     p.add_argument("--backup-dir", type=cli_path, metavar="DIR",
                    help="resume state (default: a folder under <root>/.trainer_backups/ keyed by the arguments)")
+    p.add_argument("--plan", type=cli_path, metavar="DIR",
+                   help="apply this Plan artifact's choices (a run's <root>/artifacts/plan/<key>/plan); "
+                        "--config/--set still win")
     add_config_options(p)
     p.set_defaults(handler=_run_train)
 

@@ -127,6 +127,21 @@ def test_train_writes_model_and_model_run_under_relative_out(cwd, tiny_transform
     assert (cwd / "r" / ".trainer_backups").is_dir()  # the default resume state is under the relative --root
 
 
+def test_train_applies_a_plan_below_explicit_settings(cwd, tiny_transform, tiny_pipeline_overrides, capsys):
+    plan = cwd / "p" / "plan"
+    plan.mkdir(parents=True)
+    (plan / "plan.json").write_text(json.dumps({"overrides": {"train.epochs": 2, "train.batch_size": 4}}))
+    overrides = tiny_pipeline_overrides("r")
+    del overrides["train.epochs"]  # left to the plan; train.batch_size stays set explicitly (8)
+    argv = ["train", "--transformed", str(tiny_transform["transformed"]), "--transform-graph",
+            str(tiny_transform["graph"]), "--out", "trained", "--plan", "p/plan", *_set_flags(overrides)]
+    assert main(argv) == EXIT_OK
+    result = json.loads(capsys.readouterr().out.rsplit("\nwrote ", 1)[0])
+    records = result["plan"]["records"]
+    assert result["plan"]["configured_epochs"] == 2  # from the plan
+    assert result["plan"]["steps_per_epoch"] == -(-records // 8)  # the explicit batch size, not the plan's 4
+
+
 def test_output_files_and_data_roots_are_relative_to_cwd(cwd):
     assert main(["demo-data", "--num", "2", "--out", "d"]) == EXIT_OK
     assert sorted(p.name for p in (cwd / "d").iterdir() if p.is_dir()) == ["span-1"]
