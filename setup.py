@@ -39,6 +39,7 @@ setup(
         "google-crc32c",  # ExampleGen checks TFRecord CRCs itself to name the bad record
         "kfp>=2.13,<2.14",  # 2.14+ needs protobuf 6, which TF 2.16 forbids
         "kfp-kubernetes>=1.5,<1.6",
+        "keras-tuner>=1.4,<1.5",  # the Tuner node; 1.4 is the first line that runs on Keras 3
         "ml-metadata>=1.16,<1.17",
         "numpy>=1.26,<2",
         "protobuf>=4.25,<5",

@@ -29,9 +29,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+from generated_datasets import DATASETS, write_dataset
 
 log = logging.getLogger("bench_plan")
 
@@ -194,91 +195,15 @@ def demo_comparison(workdir: Path, num: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ datasets unlike the demo: their plans
 
 
-def _rgb(gray: np.ndarray) -> np.ndarray:
-    return np.repeat(np.clip(gray, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
-
-
-def thin_structures(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """512x512: a mottled background with 4-8 curvilinear vessels 2-4 px wide, slightly darker."""
-    from PIL import Image, ImageDraw
-
-    size = 512
-    background = rng.normal(150, 12, (size // 16, size // 16))
-    image = np.kron(background, np.ones((16, 16))) + rng.normal(0, 6, (size, size))
-    mask_img = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask_img)
-    for _ in range(int(rng.integers(4, 9))):
-        points, (x, y) = [], rng.uniform(0, size, 2)
-        angle = rng.uniform(0, 2 * np.pi)
-        for _ in range(24):
-            angle += rng.normal(0, 0.35)
-            x, y = x + 14 * np.cos(angle), y + 14 * np.sin(angle)
-            points.append((float(x), float(y)))
-        draw.line(points, fill=1, width=int(rng.integers(2, 5)))
-    mask = np.asarray(mask_img)
-    return _rgb(image - 40 * mask), mask
-
-
-def four_classes_one_rare(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """160x224 colour images: large blobs (class 1), bars (class 2) and a few small dots (class 3, ~1%)."""
-    height, width = 160, 224
-    yy, xx = np.mgrid[:height, :width]
-    image = rng.normal(90, 10, (height, width, 3))
-    mask = np.zeros((height, width), np.uint8)
-    for _ in range(2):
-        cy, cx, r = rng.uniform(30, height - 30), rng.uniform(30, width - 30), rng.uniform(18, 32)
-        mask[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1
-    for _ in range(2):
-        y0, x0 = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 60))
-        mask[y0 : y0 + 10, x0 : x0 + 60] = 2
-    for _ in range(int(rng.integers(2, 5))):
-        cy, cx = rng.uniform(5, height - 5), rng.uniform(5, width - 5)
-        mask[(yy - cy) ** 2 + (xx - cx) ** 2 < 9] = 3
-    colours = np.array([[90, 90, 90], [200, 80, 60], [60, 180, 90], [240, 240, 80]], np.float64)
-    image = image + colours[mask] - 90
-    return np.clip(image, 0, 255).astype(np.uint8), mask
-
-
-def few_grayscale_wide(rng: np.random.Generator, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """96x160 grayscale (RGB with equal channels): one bright textured ellipse on a gradient."""
-    height, width = 96, 160
-    yy, xx = np.mgrid[:height, :width]
-    cy, cx = rng.uniform(25, height - 25), rng.uniform(30, width - 30)
-    ry, rx = rng.uniform(12, 24), rng.uniform(16, 36)
-    mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1).astype(np.uint8)
-    image = 60 + 0.4 * xx + rng.normal(0, 8, (height, width)) + mask * (50 + 20 * np.sin(xx / 2.0))
-    return _rgb(image), mask
-
-
-DATASETS: dict[str, tuple[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]], int, int]] = {
-    "thin_structures_512": (thin_structures, 60, 2),
-    "four_classes_one_rare": (four_classes_one_rare, 300, 4),
-    "few_grayscale_96x160": (few_grayscale_wide, 60, 2),
-}
-
-
-def write_dataset(data_root: Path, make: Callable, num: int, num_classes: int) -> None:
-    from segpipe.components.core.data_format import encode_example, encode_png, write_labels, write_span
-
-    rng = np.random.default_rng(7)
-
-    def records() -> Iterator[bytes]:
-        for i in range(num):
-            image, mask = make(rng, i)
-            yield encode_example(f"ex-{i}", encode_png(image), encode_png(mask))
-
-    write_labels(data_root, {0: "background", **{c: f"class{c}" for c in range(1, num_classes)}})
-    write_span(data_root, 1, records(), num_shards=1, compress=True)
-
-
 def plan_for(workdir: Path, name: str) -> dict[str, Any]:
     """ExampleGen, StatisticsGen and the Plan step on one generated dataset, through the DAG's parameters."""
     from segpipe.pipeline.config import load_config
     from segpipe.pipeline.pipeline import create_pipeline, nodes_by_name
 
-    make, num, num_classes = DATASETS[name]
+    dataset = DATASETS[name]
+    num, num_classes = dataset.num, dataset.num_classes
     root = workdir / name
-    write_dataset(root / "data", make, num, num_classes)
+    write_dataset(root / "data", dataset)
     cfg = load_config(overrides={"root": str(root), "data.num_classes": num_classes, "train.device": "cpu:2"})
     nodes = nodes_by_name(create_pipeline(cfg))
     uris = {"examples_uri": str(root / "examples"), "statistics_uri": str(root / "statistics"),

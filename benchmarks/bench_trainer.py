@@ -10,8 +10,18 @@
    and the fraction of the GPU's peak FLOP rate, counting 3x the analytic forward FLOPs per step.
    Needs only Keras 3 (any backend): on a machine without TensorFlow run it with
    KERAS_BACKEND=jax or torch.
+4. FLOP/s and TFX's Keras: the model of 1. trained from the same tf.data input by segpipe (Keras 3)
+   and, as the stand-in for TFX's Trainer, by tf_keras 2.16 (Keras 2, what `tf.keras` is under TFX)
+   with the same architecture (checked: equal parameter counts), optimizer and binary cross-entropy,
+   alternating in one process. Each side's training FLOP/s (3 x forward FLOPs counted from the
+   model's convolution layers x images/s) is set against the CPU's peak from /proc/cpuinfo:
+   logical CPUs x `cpu MHz` x fp32 FLOPs per cycle from the widest vector flag (avx512f: 16 lanes x
+   2 for the fused multiply-add x 2 FMA units = 64; avx2 + fma: 32; avx: 16; else sse: 8). Assumed:
+   two full-width FMA units per core and the reported clock sustained; a core that splits 512-bit
+   operations in two 256-bit halves, or SMT siblings counted as CPUs, would halve the true peak.
 
     python benchmarks/bench_trainer.py [--json out.json]
+    python benchmarks/bench_trainer.py --quick        # tiny sizes, one repeat: checks that it runs
     python benchmarks/bench_trainer.py --gpu --json gpu.json
 """
 from __future__ import annotations
@@ -26,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -202,6 +213,91 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     return results
 
 
+# ---------------------------------------------------------------- 4. FLOP/s and tf_keras
+
+
+FP32_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 16))  # with "fma" for avx2; see the docstring
+
+
+def cpu_peak(cpuinfo: str | None = None) -> dict:
+    """fp32 peak of the CPUs this process may use: logical CPUs x clock x FLOPs per cycle (docstring)."""
+    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    mhz = [float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
+    per_cycle, isa = 8, "sse"
+    for flag, flops in FP32_FLOPS_PER_CYCLE:
+        if flag in flags and (flag != "avx2" or "fma" in flags):
+            per_cycle, isa = flops, flag
+            break
+    cpus = len(os.sched_getaffinity(0))
+    clock_ghz = max(mhz) / 1000 if mhz else float("nan")
+    return {"cpus": cpus, "clock_ghz": round(clock_ghz, 3), "isa": isa, "fp32_flops_per_cycle": per_cycle,
+            "peak_gflops": round(cpus * clock_ghz * per_cycle, 1)}
+
+
+def tf_keras_unet(size: int, base_filters: int, depth: int) -> Any:
+    """core/model.build_unet (no batch norm, one sigmoid channel) rebuilt layer for layer in tf_keras."""
+    import tf_keras
+    from tf_keras import layers
+
+    def conv_block(x: Any, filters: int) -> Any:
+        for _ in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        return x
+
+    inputs = tf_keras.Input((size, size, 3))
+    x, skips = inputs, []
+    for level in range(depth):
+        x = conv_block(x, base_filters * 2**level)
+        skips.append(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = conv_block(x, base_filters * 2**depth)
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(base_filters * 2**level, 2, strides=2, padding="same")(x)
+        x = conv_block(layers.Concatenate()([x, skips[level]]), base_filters * 2**level)
+    return tf_keras.Model(inputs, layers.Conv2D(1, 1, activation="sigmoid", dtype="float32")(x))
+
+
+def bench_frameworks(args: argparse.Namespace, workdir: Path) -> dict:
+    """images/s and training FLOP/s of segpipe (Keras 3) vs tf_keras on the trainer's tf.data input."""
+    import tensorflow as tf
+    import tf_keras
+
+    from segpipe.components.trainer import make_dataset
+
+    images, masks = make_data(args.images, args.size, seed=1)
+    files = write_records(workdir / "frameworks", images, masks)
+
+    def dataset() -> Any:
+        return make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True, shuffle_buffer=256)
+
+    segpipe_model = compiled_model(args.size, args.base_filters, args.depth, False)
+    tf_keras.utils.set_random_seed(0)
+    keras2_model = tf_keras_unet(args.size, args.base_filters, args.depth)
+    if keras2_model.count_params() != segpipe_model.count_params():
+        raise RuntimeError(f"tf_keras U-Net has {keras2_model.count_params()} parameters, segpipe's "
+                           f"{segpipe_model.count_params()}: not the same model")
+    keras2_model.compile(optimizer=tf_keras.optimizers.Adam(1e-3), loss=tf_keras.losses.BinaryCrossentropy(),
+                         metrics=[tf_keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
+    # tf_keras's cross-entropy wants the mask shaped like the [B, S, S, 1] prediction.
+    keras2_input = dataset().map(lambda x, y: (x, tf.cast(y[..., None], tf.float32)))
+    flops = forward_flops(segpipe_model)
+    rates: dict[str, list[float]] = {"segpipe": [], "tf_keras": []}
+    for _ in range(args.repeats):  # alternate to share any machine-load drift
+        rates["segpipe"].append(args.images * args.epochs / timed_fit(segpipe_model, dataset(), args.epochs))
+        rates["tf_keras"].append(args.images * args.epochs / timed_fit(keras2_model, keras2_input, args.epochs))
+    peak = cpu_peak()
+    result: dict = {"images": args.images, "size": args.size, "model": f"base_filters {args.base_filters}, depth {args.depth}",
+                    "forward_gflops_per_image": round(flops / 1e9, 3), "cpu": peak,
+                    "runs": {k: [round(x, 1) for x in v] for k, v in rates.items()}}
+    for name, values in rates.items():
+        gflops = max(values) * 3 * flops / 1e9
+        result[name] = {"images_per_s": round(max(values), 1), "train_gflops": round(gflops, 1),
+                        "fraction_of_peak": round(gflops / peak["peak_gflops"], 4)}
+    result["ratio"] = round(result["segpipe"]["images_per_s"] / result["tf_keras"]["images_per_s"], 3)
+    return result
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -219,13 +315,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-size", type=int, default=128, help="image size of the memory runs (tiny model)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-frameworks", action="store_true", help="skip 4. (FLOP/s, tf_keras side by side)")
+    parser.add_argument("--quick", action="store_true", help="32 px, 48 images, one timed epoch, one repeat: a smoke run")
     parser.add_argument("--gpu", action="store_true", help="seed-model GPU throughput instead of the CPU benchmarks")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--gpu-steps", type=int, default=24, help="steps per timed epoch")
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_FP16_TFLOPS)
     parser.add_argument("--memory-child", choices=("tfdata", "numpy"), help=argparse.SUPPRESS)
     parser.add_argument("--files-dir", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.size, args.epochs, args.repeats, args.memory_n, args.memory_size = 48, 32, 1, 1, 8, 32
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             results = {} if args.skip_pipeline else {"pipeline": bench_pipeline(args, Path(tmp))}
             if not args.skip_memory:
                 results["memory"] = bench_memory(args, Path(tmp))
+            if not args.skip_frameworks:
+                results["frameworks"] = bench_frameworks(args, Path(tmp))
         print(f"{'measure':<34}{'trainer tf.data':>18}{'numpy (tutorial)':>18}{'ratio':>8}  goal")
         if "pipeline" in results:
             p = results["pipeline"]
@@ -257,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
                 label = {"tfdata": "  trainer tf.data (streamed)", "numpy": "  numpy (tutorial, loaded whole)"}[mode]
                 print(f"{label:<34}{m[mode]['peak_mb_n']:>18}{m[mode]['peak_mb_10n']:>18}"
                       f"{m[mode]['ratio']:>8}  {'<= 1.2' if mode == 'tfdata' else '(contrast)'}")
+        if "frameworks" in results:
+            f, cpu = results["frameworks"], results["frameworks"]["cpu"]
+            print(f"{'same model, same tf.data input':<34}{'segpipe (Keras 3)':>18}{'tf_keras (TFX)':>18}{'ratio':>8}")
+            print(f"{'  train images/s':<34}{f['segpipe']['images_per_s']:>18}{f['tf_keras']['images_per_s']:>18}{f['ratio']:>8}")
+            print(f"{'  train GFLOP/s (3x forward)':<34}{f['segpipe']['train_gflops']:>18}{f['tf_keras']['train_gflops']:>18}")
+            print(f"{'  fraction of CPU fp32 peak':<34}{f['segpipe']['fraction_of_peak']:>18.2%}{f['tf_keras']['fraction_of_peak']:>18.2%}"
+                  f"  peak {cpu['peak_gflops']} GFLOP/s = {cpu['cpus']} CPUs x {cpu['clock_ghz']} GHz x "
+                  f"{cpu['fp32_flops_per_cycle']} ({cpu['isa']}); {f['forward_gflops_per_image']} GFLOPs forward/image")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

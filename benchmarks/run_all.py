@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 # The DAG's order (pipeline/pipeline.py), for listing bench_pipeline's per-step times.
-PIPELINE_ORDER = ("example_gen", "statistics_gen", "schema_gen", "previous_statistics", "example_validator",
-                  "transform", "latest_model", "trainer", "evaluator", "pusher")
+PIPELINE_ORDER = ("example_gen", "statistics_gen", "schema_gen", "previous_statistics", "example_validator", "plan",
+                  "transform", "latest_model", "trainer", "evaluator", "infra_validator", "pusher", "bulk_inferrer")
 log = logging.getLogger("run_all")
 
 
@@ -46,7 +46,7 @@ class Row:
 class Bench:
     script: str
     full: tuple[str, ...]  # arguments of the full run
-    quick: tuple[str, ...]  # arguments of the smoke test
+    quick: tuple[str, ...] | None  # arguments of the smoke test; None: no smoke-test sizes (--quick skips it)
     rows: Callable[[dict[str, Any]], list[Row]]
 
 
@@ -160,6 +160,72 @@ def pipeline_rows(data: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def infer_rows(data: dict[str, Any]) -> list[Row]:
+    """bench_infer.py: `segpipe infer` (RunInference over TFRecords) against `segpipe predict` (files)."""
+    rate, differing = data["images_per_second"], data["masks_differing"]
+    return [
+        Row(f"Batch inference, {data['images']} images of many sizes: segpipe infer (Beam RunInference on TFRecords, "
+            f"{' '.join(data['beam_args'])}) vs segpipe predict (image files), images/s of wall time",
+            f"{rate['infer']:.1f} img/s", f"predict {rate['predict']:.1f} img/s", data["ratio_infer_over_predict"],
+            "-", "reported"),
+        Row("  masks that differ between infer and predict", str(differing), "-", None, "0",
+            "pass" if differing == 0 else "fail"),
+    ]
+
+
+def runners_rows(data: dict[str, Any]) -> list[Row]:
+    """bench_runners.py: the Beam steps through the portable job API against in-process FnApiRunner."""
+    four = data["four_steps"]
+    rows = [Row(f"Beam runners, {data['dataset']['num_images']} images: ExampleGen + StatisticsGen + Transform + "
+                "Evaluator, portable runner (job service, external SDK workers) vs in-process FnApiRunner, wall time",
+                f"{four['portable']:.1f} s", f"in-process {four['in_process']:.1f} s", four["ratio"], "-", "reported")]
+    for step, entry in data["steps"].items():
+        rows.append(Row(f"  of which: {step}", f"{entry['portable']:.1f} s", f"in-process {entry['in_process']:.1f} s",
+                        entry["ratio"], "-", "reported"))
+    rows.append(Row("  portable services start-up (once, before timing)",
+                    f"{data['portable_services_start_seconds']:.1f} s", "-", None, "-", "reported"))
+    return rows
+
+
+def plan_rows(data: dict[str, Any]) -> list[Row]:
+    """bench_plan.py: `profile: auto` against `--profile demo` on the demo span, then the plans' estimates."""
+    rows = []
+    demo_data = data.get("demo_data")  # absent with --plans-only
+    if demo_data:
+        auto, demo = demo_data["runs"]["auto"], demo_data["runs"]["demo"]
+        ratio = auto["run_seconds"] / demo["run_seconds"]
+        rows.append(Row(f"Plan (profile auto) vs --profile demo, segpipe run on {demo_data['demo_images']} demo "
+                        "images, wall time", f"{auto['run_seconds']:.0f} s", f"demo {demo['run_seconds']:.0f} s",
+                        ratio, "<= 1.0", check(ratio, "<= 1.0")))
+        for metric, goal in demo_data["goals"].items():
+            value = auto["metrics"][metric] or 0.0
+            label = {"foreground_iou": "foreground IoU"}.get(metric, metric.replace("_", " "))
+            rows.append(Row(f"  profile auto, test split {label}", f"{value:.4f}",
+                            f"demo {demo['metrics'][metric] or 0.0:.4f}", None, f">= {goal}", check(value, f">= {goal}")))
+    for name, plan in data["plans"].items():
+        estimate = plan["estimate"]
+        ratio = estimate["minutes"] / estimate["budget_minutes"]
+        rows.append(Row(f"Plan for {name} ({plan['images']} images, {plan['num_classes']} classes): estimated "
+                        f"training time on {estimate['device']} vs the budget", f"{estimate['minutes']:.1f} min",
+                        f"budget {estimate['budget_minutes']:.0f} min", ratio, "<= 1.0", check(ratio, "<= 1.0")))
+    return rows
+
+
+def convergence_rows(data: dict[str, Any]) -> list[Row]:
+    """bench_convergence.py: the new training defaults against the old settings, eval IoU in inference mode."""
+    rows = []
+    for name, entry in data["datasets"].items():
+        old, new = entry["variants"]["old"], entry["variants"]["new"]
+        iou_old, iou_new = old["inference"]["iou"], new["inference"]["iou"]
+        rows.append(Row(f"Convergence on {name} ({entry['num_classes']} classes): new training defaults vs the old "
+                        "settings, eval foreground IoU in inference mode", f"{iou_new:.3f}", f"old {iou_old:.3f}",
+                        iou_new / iou_old if iou_old else None, "-", "reported"))
+        gap = abs(iou_new - new["training_mode"]["iou"])
+        rows.append(Row(f"  {name}, new defaults: inference-mode IoU vs training-mode IoU (absolute gap)", f"{gap:.3f}",
+                        f"training mode {new['training_mode']['iou']:.3f}", None, "<= 0.01", check(gap, "<= 0.01")))
+    return rows
+
+
 BENCHMARKS: dict[str, Bench] = {
     "transform": Bench("bench_transform.py", ("--num", "2000", "--size", "128", "--memory-num", "100"),
                        ("--num", "120", "--size", "64", "--pool", "60", "--memory-num", "20"), transform_rows),
@@ -168,6 +234,11 @@ BENCHMARKS: dict[str, Bench] = {
     "ingest_memory": Bench("bench_ingest_memory.py", ("--n", "100"), ("--n", "10"), ingest_rows),
     "serving": Bench("bench_serving.py", (), ("--quick",), serving_rows),
     "pipeline": Bench("bench_pipeline.py", (), ("--quick",), pipeline_rows),
+    "infer": Bench("bench_infer.py", (), ("--num", "24", "--repeats", "1"), infer_rows),
+    "runners": Bench("bench_runners.py", ("--num", "300"), ("--num", "40"), runners_rows),
+    "plan": Bench("bench_plan.py", (), ("--plans-only",), plan_rows),
+    # Its --quick writes no JSON (tiny budgets only check that it runs), so --quick skips it.
+    "convergence": Bench("bench_convergence.py", (), None, convergence_rows),
 }
 
 
@@ -222,6 +293,8 @@ def run_bench(name: str, bench: Bench, quick: bool, out_dir: Path, rerun: bool =
     if not script.is_file():
         return {"name": name, "status": "missing", "seconds": 0.0, "error": f"{bench.script} not found"}
     json_path = out_dir / f"{name}.json"
+    if rerun and quick and bench.quick is None:
+        return {"name": name, "status": "missing", "seconds": 0.0, "error": f"{bench.script} has no smoke-test sizes"}
     if not rerun:
         if not json_path.is_file():
             return {"name": name, "status": "missing", "seconds": 0.0, "error": f"no {json_path.name} from an earlier run"}

@@ -14,7 +14,8 @@ the user set explicitly always wins and is listed as "set by you". The `demo` an
 are fixed presets: under them the plan records the values ("fixed by profile") and overrides
 nothing.
 
-The time estimate is a cost model, not a measurement: training seconds per image grow with the
+With a backbone (`model.encoder`) every planned input size is also a multiple of its output
+stride, 32. The time estimate is a cost model, not a measurement: training seconds per image grow with the
 U-Net's multiply-accumulates and its activation volume, with constants fitted on 2 CPU cores by
 `benchmarks/bench_plan.py --calibrate`; more cores or GPUs divide it (see `device_speed`).
 """
@@ -32,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from segpipe.components import statistics_gen
-from segpipe.components.core import artifacts
+from segpipe.components.core import artifacts, encoders
 from segpipe.components.core.data_format import decode_image, parse_example
 from segpipe.components.core.errors import BadInputError
 from segpipe.components.example_gen import iter_records
@@ -328,9 +329,9 @@ def depth_for(size: int) -> int:
     return min(MAX_DEPTH, max(MIN_DEPTH, int(math.floor(math.log2(max(size, 1) / BOTTLENECK_PX)))))
 
 
-def fit_size(wanted: float, depth: int, ceiling: float) -> int:
-    """`wanted` rounded up to a multiple of 2**depth, or down when that passes `ceiling`."""
-    step = 2**depth
+def fit_size(wanted: float, depth: int, ceiling: float, multiple: int = 1) -> int:
+    """`wanted` rounded up to a multiple of 2**depth (and of `multiple`), or down when that passes `ceiling`."""
+    step = math.lcm(2**depth, multiple)
     size = math.ceil(wanted / step) * step
     return size if size <= ceiling else max(step, math.floor(ceiling / step) * step)
 
@@ -354,10 +355,13 @@ def plan_from_fingerprint(
     explicit: Mapping[str, Any],
     *,
     fields: Sequence[str] = PLANNED_FIELDS,
+    size_multiple: int = 1,
 ) -> Plan:
     """The plan for a dataset: each field of `fields` planned, or the value in `explicit` (which wins).
 
-    A pure function of its arguments, so every rule can be tested on a made-up fingerprint.
+    A planned input size is also divisible by `size_multiple` (a backbone's output stride, see
+    core.encoders.size_multiple). A pure function of its arguments, so every rule can be tested on
+    a made-up fingerprint.
     """
     fp = fingerprint
     fields = [f for f in PLANNED_FIELDS if f in fields]
@@ -430,10 +434,10 @@ def plan_from_fingerprint(
         sizes, current = [], wanted_size
         while True:
             depth = given(DEPTH) or depth_for(current)
-            size = fit_size(current, depth, ceiling)
+            size = fit_size(current, depth, ceiling, size_multiple)
             if not sizes or size < sizes[-1][0]:
                 sizes.append((size, depth))
-            if current <= MIN_BUDGET_SIZE or size <= 2**depth:
+            if current <= MIN_BUDGET_SIZE or size <= math.lcm(2**depth, size_multiple):
                 break
             current = max(MIN_BUDGET_SIZE, current * 0.8)
     widths = [filters] if BASE_FILTERS in explicit or filters // 2 < MIN_FILTERS else [filters, filters // 2]
@@ -457,6 +461,8 @@ def plan_from_fingerprint(
     if epochs < wanted_epochs:
         epochs_why += f"; cut to {epochs} epochs ({epochs * steps_per_epoch} steps) by the {budget_minutes:g}-minute budget"
 
+    if size_multiple > 1:
+        size_why += f"; divisible by {size_multiple}, the encoder's output stride"
     decide(IMAGE_SIZE, size, f"{size} px: {size_why}")
     decide(DEPTH, depth, f"{depth} poolings: the deepest level is {size // 2**depth} px (at least {BOTTLENECK_PX})")
     decide(BASE_FILTERS, width, filters_why)
@@ -522,17 +528,20 @@ def make_plan(
     base: dict,
     profile: str,
     num_classes: int,
+    encoder: str,
 ) -> dict:
     """Fingerprint the data, plan the recipe and publish the Plan artifact (`plan.json`).
 
     `base` holds the configured value of every field the plan may choose (its keys are the fields
-    this configuration has); `explicit` names those the user set. Under a profile other than `auto`
+    this configuration has); `explicit` names those the user set. `encoder` (`model.encoder`) keeps
+    a planned input size divisible by what its backbone needs. Under a profile other than `auto`
     every field keeps its configured value. Returns {"overrides", "estimate", "device"}.
     """
     fingerprint = read_fingerprint(statistics_uri, examples_uri, num_classes)
     where = parse_device(device)
     fixed = base if profile != AUTO else {name: base[name] for name in explicit if name in base}
-    plan = plan_from_fingerprint(fingerprint, budget_minutes, where, fixed, fields=list(base))
+    plan = plan_from_fingerprint(fingerprint, budget_minutes, where, fixed, fields=list(base),
+                                 size_multiple=encoders.size_multiple(encoder))
     choices = [c if c.source != SET_BY_YOU or c.field in explicit
                else Choice(c.field, c.value, f"fixed by profile {profile}", FIXED_BY_PROFILE) for c in plan.choices]
     overrides = {c.field: c.value for c in choices if c.source == PLANNED}
@@ -546,7 +555,8 @@ def make_plan(
         "overrides": overrides,
     }
     with artifacts.publish(plan_uri, artifacts.PLAN, producer=PRODUCER, inputs=(statistics_uri, examples_uri),
-                           parameters={"budget_minutes": budget_minutes, "device": device, "profile": profile}) as (
+                           parameters={"budget_minutes": budget_minutes, "device": device, "profile": profile,
+                                       "encoder": encoder}) as (
             tmp, info):
         (tmp / PLAN_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
         info["extra"] = {"overrides": overrides, "estimate": plan.estimate}

@@ -4,9 +4,11 @@
   parallel interleave over shards, shuffle, batch, vectorised parse, augmentation, prefetch. It
   streams; `cache` (off by default) keeps parsed batches in memory for small datasets.
 - Devices: MirroredStrategy over every visible GPU when there are two or more, the default strategy
-  otherwise; `distribution: multi_worker` picks MultiWorkerMirroredStrategy, which reads the cluster
-  from the TF_CONFIG that the launcher (e.g. a Kubeflow training operator) sets. mixed_float16 on
-  GPU (`mixed_precision: auto`), float32 head; optional XLA (`jit_compile`).
+  otherwise; `distribution: mirrored` forces MirroredStrategy over the local devices;
+  `distribution: multi_worker` picks MultiWorkerMirroredStrategy, which reads the cluster from the
+  TF_CONFIG that the launcher (e.g. a Kubeflow training operator) sets: only its chief writes the
+  backup and publishes. `batch_size` is per replica. mixed_float16 on GPU (`mixed_precision:
+  auto`), float32 head; optional XLA (`jit_compile`).
 - Training length and schedule: `min_steps` raises the epochs of a small dataset until
   epochs * steps per epoch >= min_steps (early-stopping patience scales with them); Adam with a
   linear warm-up and cosine decay over those planned steps (`lr_schedule: cosine`) or a constant rate.
@@ -18,6 +20,9 @@
 - Imbalance: `loss: dice_bce` adds a soft Dice over the foreground classes; `class_weights: auto`
   weights the cross-entropy by the inverse square root of each class's pixel frequency in the
   train split (one pass over its masks), capped.
+- Encoders: `model.encoder` mobilenet_v2 / resnet50 trains core.encoders' U-Net on that backbone,
+  from `model.encoder_weights` when given (loaded before training; a bad file is BadInputError),
+  with the backbone frozen for the first `model.encoder_freeze_epochs` epochs.
 - Preemption: `backup_dir` (stable, outside the temporary output, keyed by the caller) holds the
   BackupAndRestore state, the best checkpoint, the CSV history and the TensorBoard logs, so a
   rerun resumes at its last completed epoch with its history intact; it is removed after success.
@@ -30,7 +35,9 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,6 +48,7 @@ from segpipe.components.core.errors import BadInputError, TrainingError
 log = logging.getLogger(__name__)
 
 STATE_DIR = "state"  # BackupAndRestore's folder inside backup_dir
+BACKUP_METADATA_FILE = "training_metadata.json"  # BackupAndRestore's epoch counter inside STATE_DIR
 RUN_DIR = "run"  # history, logs and best checkpoint inside backup_dir
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "training_curves.png"
@@ -76,43 +84,56 @@ def parse_batch(serialized: Any, image_size: int) -> tuple[Any, Any]:
     return images, masks
 
 
+def dihedral_sources(size: int) -> Any:
+    """[16, S*S] int32: for each flip/turn combination, the flat source pixel of every output pixel.
+
+    Row lr * 8 + ud * 4 + k is a left-right flip (lr), then an up-down flip (ud), then k
+    counter-clockwise quarter turns (tf.image.rot90's direction) of an S x S image.
+    """
+    import numpy as np
+
+    pixels = np.arange(size * size, dtype=np.int32).reshape(size, size)
+    rows = []
+    for lr in (0, 1):
+        for ud in (0, 1):
+            for k in range(4):
+                moved = pixels[:, ::-1] if lr else pixels
+                moved = moved[::-1] if ud else moved
+                rows.append(np.rot90(moved, k).ravel())
+    return np.stack(rows)
+
+
 def augment_batch(images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: float) -> tuple[Any, Any]:
     """Random per-example flips and 90-degree rotations, a per-batch zoom-in crop; identical on image and mask.
 
-    Vectorised over the batch; masks are resampled nearest-neighbour so class ids (and 255) survive.
+    `images` [B, S, S, C] float, `masks` [B, S, S] int, S static (as parse_batch returns them). Each
+    example draws a left-right flip, an up-down flip (p = 0.5 each, `flip`) and 0-3 quarter turns
+    (`rot90`); their composition is one permutation of the pixels, so the batch moves with a single
+    gather per tensor (computing every candidate and selecting with tf.where cost ~8x more).
+    The zoom resamples the mask nearest-neighbour, so class ids (and 255) survive.
     """
     import tensorflow as tf
 
-    size = tf.shape(images)[0]
-    masks = tf.cast(masks[..., None], tf.float32)
-
-    def choose(flag: Any, a: Any, b: Any) -> Any:
-        return tf.where(flag[:, None, None, None], a, b)
-
-    if flip:
-        for axis in (2, 1):  # left-right, up-down
-            flag = tf.random.uniform([size]) < 0.5
-            images, masks = choose(flag, tf.reverse(images, [axis]), images), choose(flag, tf.reverse(masks, [axis]), masks)
-    if rot90:
-        turns = tf.random.uniform([size], 0, 4, dtype=tf.int32)
-        rotated_images, rotated_masks = images, masks
-        for k in (1, 2, 3):
-            rotated_images = choose(turns == k, tf.image.rot90(images, k), rotated_images)
-            rotated_masks = choose(turns == k, tf.image.rot90(masks, k), rotated_masks)
-        images, masks = rotated_images, rotated_masks
+    batch, size, channels = tf.shape(images)[0], int(images.shape[1]), int(images.shape[-1])
+    if flip or rot90:
+        no_flip = tf.zeros([batch], tf.int32)
+        left_right = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
+        up_down = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
+        turns = tf.random.uniform([batch], 0, 4, dtype=tf.int32) if rot90 else no_flip
+        sources = tf.gather(tf.constant(dihedral_sources(size)), left_right * 8 + up_down * 4 + turns)
+        sources = tf.reshape(sources + tf.range(batch)[:, None] * (size * size), [-1])  # into the flat batch
+        images = tf.reshape(tf.gather(tf.reshape(images, [-1, channels]), sources), [batch, size, size, channels])
+        masks = tf.reshape(tf.gather(tf.reshape(masks, [-1]), sources), [batch, size, size])
     if zoom > 0:
         # One zoom per batch (a random crop resized back). Per-example tf.image.crop_and_resize
         # would make grappler log a cost-model warning every epoch on CPU.
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        out_size = images.shape[1:3].as_list() if images.shape[1:3].is_fully_defined() else [height, width]
         side = 1.0 - tf.random.uniform([], 0.0, zoom)
-        crop_h = tf.maximum(1, tf.cast(tf.round(side * tf.cast(height, tf.float32)), tf.int32))
-        crop_w = tf.maximum(1, tf.cast(tf.round(side * tf.cast(width, tf.float32)), tf.int32))
-        top = tf.random.uniform([], 0, height - crop_h + 1, dtype=tf.int32)
-        left = tf.random.uniform([], 0, width - crop_w + 1, dtype=tf.int32)
-        images = tf.image.resize(images[:, top : top + crop_h, left : left + crop_w], out_size, method="bilinear")
-        masks = tf.image.resize(masks[:, top : top + crop_h, left : left + crop_w], out_size, method="nearest")
-    return images, tf.cast(tf.round(masks[..., 0]), tf.int32)
+        crop = tf.maximum(1, tf.cast(tf.round(side * size), tf.int32))
+        top = tf.random.uniform([], 0, size - crop + 1, dtype=tf.int32)
+        left = tf.random.uniform([], 0, size - crop + 1, dtype=tf.int32)
+        images = tf.image.resize(images[:, top : top + crop, left : left + crop], [size, size], method="bilinear")
+        masks = tf.image.resize(masks[:, top : top + crop, left : left + crop, None], [size, size], method="nearest")[..., 0]
+    return images, masks
 
 
 def make_dataset(
@@ -130,7 +151,10 @@ def make_dataset(
     """Streaming (images, masks) batches from GZIP TFRecord shards.
 
     Training: shards and records shuffled (reshuffled each epoch; `shuffle_buffer` 0 shuffles shards
-    only), then augmented with `augment` ({"flip", "rot90", "zoom"}). Eval: file order, no augmentation. Parsing is vectorised per batch (one parse_example call per batch).
+    only), then augmented with `augment` ({"flip", "rot90", "zoom"}); parallel stages hand on
+    whatever finishes first (deterministic=False), so one slow shard or batch never stalls the
+    rest. Eval: file order, no augmentation. Parsing is vectorised per batch (one parse_example
+    call per batch).
     `num_records` declares the length (ceil(num_records / batch_size) batches; tf.data fails if the
     data disagrees): Keras then ends each epoch after exactly that many steps instead of running one
     more step into the end of the data, which advances the optimizer's step counter (and so the
@@ -153,12 +177,20 @@ def make_dataset(
     dataset = dataset.batch(batch_size, num_parallel_calls=autotune)
     if num_records is not None:
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(num_records / batch_size)))
-    dataset = dataset.map(lambda records: parse_batch(records, image_size), num_parallel_calls=autotune)
-    if cache:
-        dataset = dataset.cache()
+    augmentation = None
     if training and augment and (augment["flip"] or augment["rot90"] or augment["zoom"] > 0):
-        options = {"flip": bool(augment["flip"]), "rot90": bool(augment["rot90"]), "zoom": float(augment["zoom"])}
-        dataset = dataset.map(lambda x, y: augment_batch(x, y, **options), num_parallel_calls=autotune)
+        augmentation = {"flip": bool(augment["flip"]), "rot90": bool(augment["rot90"]), "zoom": float(augment["zoom"])}
+    # Parse and augment in one map (one hop between tf.data threads per batch) unless the parsed
+    # batches are cached, which must happen before the random augmentation.
+    parallel = {"num_parallel_calls": autotune, "deterministic": not training}
+    if augmentation and not cache:
+        dataset = dataset.map(lambda records: augment_batch(*parse_batch(records, image_size), **augmentation), **parallel)
+    else:
+        dataset = dataset.map(lambda records: parse_batch(records, image_size), **parallel)
+        if cache:
+            dataset = dataset.cache()
+        if augmentation:
+            dataset = dataset.map(lambda x, y: augment_batch(x, y, **augmentation), **parallel)
     return dataset.prefetch(autotune)
 
 
@@ -295,12 +327,44 @@ def learning_rate(train_config: Mapping[str, Any], total_steps: int) -> Any:
 
 
 def select_strategy(distribution: str) -> Any:
-    """MultiWorkerMirrored on request; Mirrored over >= 2 GPUs; the default strategy otherwise."""
+    """The tf.distribute strategy of `train.distribution`.
+
+    multi_worker: MultiWorkerMirrored over the TF_CONFIG cluster. mirrored: Mirrored over every
+    local GPU, or over every logical CPU device when there is no GPU (one replica each; a process
+    has several CPU devices only when it configures them). auto: Mirrored over >= 2 GPUs, else the
+    default one-device strategy.
+    """
     import tensorflow as tf
 
     if distribution == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as exc:  # "Collective ops must be configured at program startup"
+            raise TrainingError(
+                f"train.distribution multi_worker: {exc}; TensorFlow already ran in this process, so the "
+                "trainer must be the first TensorFlow work of its process (one process per worker)"
+            ) from None
+        # Two calls Keras 3's fit makes fail under MultiWorkerMirrored, so reduce is adapted on this
+        # strategy object: fit reduces its first (images, masks) batch in one call over the tuple
+        # (Mirrored's reduce maps over a structure, MultiWorkerMirrored's takes one value), and it
+        # reduces each step's scalar logs along axis 0, which a scalar does not have: a scalar
+        # becomes a 1-vector, so the reduction is the mean over the replicas, as Keras means it.
+        reduce = strategy.reduce
+
+        def reduce_each(op: Any, value: Any, axis: int | None = None) -> Any:
+            def one(v: Any) -> Any:
+                if axis is not None and strategy.experimental_local_results(v)[0].shape.rank == 0:
+                    v = strategy.run(lambda x: tf.reshape(x, [1]), args=(v,))
+                return reduce(op, v, axis=axis)
+
+            return tf.nest.map_structure(one, value)
+
+        strategy.reduce = reduce_each
+        return strategy
     gpus = tf.config.list_logical_devices("GPU")
+    if distribution == "mirrored":
+        devices = gpus or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
     if len(gpus) >= 2:
         return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus])
     return tf.distribute.get_strategy()
@@ -319,9 +383,28 @@ def select_precision(mode: str) -> str:
 
 
 def create_model(image_size: int, num_classes: int, model_config: Mapping[str, Any]) -> Any:
-    """The U-Net of `model_config`, whose `bn_momentum` is a number (train_model resolves `auto`)."""
+    """The U-Net of `model_config`, whose `bn_momentum` is a number (train_model resolves `auto`).
+
+    With a backbone (`encoder` other than unet) `model_config` also holds `input_scale` and
+    `input_offset`, the Transform's pixel scaling (train_model reads it from the transform graph).
+    A `model_config` without the encoder fields (as written before backbones) is the plain U-Net.
+    """
+    from segpipe.components.core.encoders import UNET, build_encoder_unet
     from segpipe.components.core.model import build_unet
 
+    if model_config.get("encoder", UNET) != UNET:
+        return build_encoder_unet(
+            str(model_config["encoder"]),
+            input_shape=(image_size, image_size, 3),
+            num_classes=artifacts.output_channels(num_classes),
+            base_filters=int(model_config["base_filters"]),
+            batch_norm=bool(model_config["batch_norm"]),
+            dropout=float(model_config["dropout"]),
+            bn_momentum=float(model_config["bn_momentum"]),
+            alpha=float(model_config["encoder_alpha"]),
+            input_scale=model_config["input_scale"],
+            input_offset=model_config["input_offset"],
+        )
     return build_unet(
         input_shape=(image_size, image_size, 3),
         num_classes=artifacts.output_channels(num_classes),
@@ -331,6 +414,27 @@ def create_model(image_size: int, num_classes: int, model_config: Mapping[str, A
         dropout=float(model_config["dropout"]),
         bn_momentum=float(model_config["bn_momentum"]),
     )
+
+
+def encoder_input_range(encoder: str, transform_graph_uri: str) -> dict[str, list[float]]:
+    """{"input_scale", "input_offset"} per channel with pixel / 255 = x * scale + offset for the
+    Transform's output x ({} for the plain U-Net, which learns on x as it is).
+
+    Read off the transform graph itself by transforming a black and a white image, so it holds for
+    x / 255 (scale 1, offset 0) and for the train split's standardisation (scale std, offset mean).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from segpipe.components.core.encoders import UNET
+    from segpipe.components.transform import load_serving_transform
+
+    if encoder == UNET:
+        return {}
+    images = [tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(value, tf.uint8))) for value in (0, 255)]
+    black, white = load_serving_transform(transform_graph_uri).transform_image(tf.stack(images)).numpy()[:, 0, 0]
+    scale = 1.0 / (np.asarray(white, np.float64) - np.asarray(black, np.float64))
+    return {"input_scale": [float(v) for v in scale], "input_offset": [float(v) for v in -black * scale]}
 
 
 def compile_model(
@@ -343,10 +447,27 @@ def compile_model(
 
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(train_config, total_steps)),
-        loss=get_loss(train_config["loss"], class_weights),
+        loss=replica_mean_loss(get_loss(train_config["loss"], class_weights)),
         metrics=segmentation_metrics(num_classes),
         jit_compile=bool(train_config["jit_compile"]),
     )
+
+
+def replica_mean_loss(loss: Any) -> Any:
+    """`loss` (a SegmentationLoss) divided by the replicas in sync of the strategy it runs under.
+
+    The strategy sums the replicas' gradients, so each replica's loss must be its share of the
+    global batch's mean. Keras 3 divides only inside its own batch reduction, which a loss returning
+    a scalar (segpipe's losses are already means over a batch's valid pixels) skips: without this,
+    N replicas would step with N times the gradient and log N times the loss. One replica: unchanged.
+    """
+    import tensorflow as tf
+
+    class ReplicaMeanLoss(type(loss)):
+        def call(self, y_true: Any, y_pred: Any) -> Any:
+            return super().call(y_true, y_pred) / tf.distribute.get_strategy().num_replicas_in_sync
+
+    return ReplicaMeanLoss(loss.kind, loss.class_weights)
 
 
 def find_keras_model(base_model_uri: str) -> Path:
@@ -361,7 +482,10 @@ def warm_start(model: Any, base_model_uri: str | None) -> dict[str, Any]:
     """Copy a base model's weights into `model` when compatible.
 
     Different input/output shapes: BadInputError (the base model belongs to other data). Same I/O
-    but another architecture (depth, filters, batch norm): logged, fresh start.
+    but another architecture (encoder, depth, filters, batch norm): logged, fresh start. The model's
+    name says its encoder (`unet`, `unet_mobilenet_v2`, ...), so backbones never mix. The fixed
+    (non-trainable) layers keep this run's values: the encoder's input conversion follows this
+    run's Transform.
     """
     import keras
 
@@ -379,11 +503,16 @@ def warm_start(model: Any, base_model_uri: str | None) -> dict[str, Any]:
         )
     base_shapes = [tuple(w.shape) for w in base.weights]
     shapes = [tuple(w.shape) for w in model.weights]
-    if base_shapes != shapes:
-        reason = f"architecture differs from {path} ({len(base_shapes)} vs {len(shapes)} weight tensors); fresh start"
+    if base.name != model.name or base_shapes != shapes:
+        differs = (f"{base.name} vs {model.name}" if base.name != model.name
+                   else f"{len(base_shapes)} vs {len(shapes)} weight tensors")
+        reason = f"architecture differs from {path} ({differs}); fresh start"
         log.warning("warm start skipped: %s", reason)
         return {"used": False, "reason": reason}
+    fixed = {layer.name: layer.get_weights() for layer in model.layers if not layer.trainable}
     model.set_weights(base.get_weights())
+    for name, weights in fixed.items():
+        model.get_layer(name).set_weights(weights)
     log.info("warm start from %s", path)
     return {"used": True, "reason": f"initialised from {path}"}
 
@@ -446,12 +575,51 @@ def early_stopping_callback(monitor: str, patience: int, previous: list[float]) 
     return ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience)
 
 
-def make_callbacks(backup_dir: Path, *, monitor: str, patience: int, previous: list[dict[str, float]]) -> list[Any]:
+def encoder_freeze_callback(freeze_epochs: int) -> Any:
+    """Trains the first `freeze_epochs` epochs with the backbone (`encoder` sub-model) frozen, then all of it.
+
+    Frozen, the backbone's weights stay as loaded and its batch norm runs in inference mode (Keras's
+    transfer-learning rule), so a random decoder does not wreck pretrained features. The optimizer is
+    built over every variable before the first epoch, so its state has one layout in both phases and
+    BackupAndRestore resumes either; the epoch number alone decides the phase, so a resumed run
+    freezes exactly as long as an uninterrupted one. Training ends with the backbone trainable.
+    """
+    import keras
+
+    from segpipe.components.core.encoders import encoder_of
+
+    class FreezeEncoder(keras.callbacks.Callback):
+        def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+            if not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+
+        def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+            self.set_frozen(epoch < freeze_epochs, epoch)
+
+        def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+            self.set_frozen(False, None)
+
+        def set_frozen(self, frozen: bool, epoch: int | None) -> None:
+            encoder = encoder_of(self.model)
+            if encoder.trainable != frozen:
+                return
+            encoder.trainable = not frozen
+            self.model.make_train_function(force=True)  # the step function captured the old variable list
+            if epoch is not None:
+                log.info("epoch %d: backbone %s", epoch + 1, "frozen" if frozen else "unfrozen")
+
+    return FreezeEncoder()
+
+
+def make_callbacks(
+    backup_dir: Path, *, monitor: str, patience: int, previous: list[dict[str, float]], write_dir: Path | None = None,
+) -> list[Any]:
     """NaN guard, epoch lines, best-`monitor` checkpoint, TensorBoard, CSV log, early stop, backup/restore.
 
     `previous` is the history of the epochs completed before a resume: the checkpoint and early
     stopping continue from its best value. BackupAndRestore comes last so that an epoch counts as
-    done only after its logs are written.
+    done only after its logs are written. Every file goes under `write_dir` (default `backup_dir`);
+    the state is restored from `backup_dir`.
     """
     import keras
 
@@ -459,7 +627,8 @@ def make_callbacks(backup_dir: Path, *, monitor: str, patience: int, previous: l
 
     mode = MONITOR_MODES[monitor]
     values = [row[monitor] for row in previous if monitor in row]
-    run = backup_dir / RUN_DIR
+    write_dir = write_dir or backup_dir
+    run = write_dir / RUN_DIR
     callbacks = [
         raise_on_nan_callback(),
         epoch_progress(),
@@ -476,17 +645,59 @@ def make_callbacks(backup_dir: Path, *, monitor: str, patience: int, previous: l
     ]
     if patience > 0:
         callbacks.append(early_stopping_callback(monitor, patience, values))
-    callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir / STATE_DIR), delete_checkpoint=False))
+    callbacks.append(backup_callback(backup_dir / STATE_DIR, write_dir / STATE_DIR))
     return callbacks
+
+
+def backup_callback(read_dir: Path, write_dir: Path) -> Any:
+    """BackupAndRestore that restores from `read_dir` and saves into `write_dir`, each save atomic.
+
+    Every worker of a multi-worker run restores the chief's state (`read_dir`, the shared backup)
+    and only the chief saves there; the others save into their own scratch folder (TF's pattern for
+    non-chief workers). A save writes the epoch's weights under a new name, then points
+    training_metadata.json at them with one rename, then deletes the older weights, so a kill at
+    any moment leaves a matching epoch counter and weights (Keras's own callback overwrites the
+    weights first and the counter afterwards).
+    """
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _load_model(self) -> None:
+            meta = read_dir / BACKUP_METADATA_FILE
+            if meta.is_file():  # a backup of Keras's own layout names no file: its latest.weights.h5
+                self._weights_path = str(read_dir / json.loads(meta.read_text()).get("weights", "latest.weights.h5"))
+            super()._load_model()
+
+        def _save_model(self) -> None:
+            write_dir.mkdir(parents=True, exist_ok=True)
+            name = f"epoch-{self._current_epoch}.weights.h5"
+            partial = write_dir / f".partial-{name}"  # Keras requires the .weights.h5 ending
+            self.model.save_weights(str(partial), overwrite=True)
+            os.replace(partial, write_dir / name)
+            artifacts.write_json_atomic(write_dir / BACKUP_METADATA_FILE,
+                                        {"epoch": self._current_epoch, "batch": 0, "weights": name})
+            for old in write_dir.glob("epoch-*.weights.h5"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
+    return AtomicBackupAndRestore(str(read_dir), delete_checkpoint=False)
 
 
 def resumed_epoch(backup_dir: Path) -> int:
     """Completed epochs recorded by BackupAndRestore (0 for a fresh run)."""
-    meta = backup_dir / STATE_DIR / "training_metadata.json"
+    meta = backup_dir / STATE_DIR / BACKUP_METADATA_FILE
     return int(json.loads(meta.read_text())["epoch"]) if meta.is_file() else 0
 
 
 # ---------------------------------------------------------------- batch norm and scoring
+
+
+def nested_layers(model: Any) -> list[Any]:
+    """Every layer of `model`, those of its sub-models too (a backbone's batch norm lives in one)."""
+    found = []
+    for layer in model.layers:
+        found += [layer, *(nested_layers(layer) if hasattr(layer, "layers") else [])]
+    return found
 
 
 def recalibrate_batch_norm(model: Any, dataset: Any, max_batches: int) -> int:
@@ -502,10 +713,10 @@ def recalibrate_batch_norm(model: Any, dataset: Any, max_batches: int) -> int:
     import keras
     import numpy as np
 
-    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [layer for layer in nested_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     if not norms or max_batches <= 0:
         return 0
-    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    dropouts = [layer for layer in nested_layers(model) if isinstance(layer, keras.layers.Dropout)]
     momenta, rates = [layer.momentum for layer in norms], [layer.rate for layer in dropouts]
     sums = [[np.zeros(layer.moving_mean.shape), np.zeros(layer.moving_variance.shape)] for layer in norms]
     batches, images_seen = 0, 0
@@ -641,20 +852,27 @@ def train_model(
 ) -> dict:
     """Train the U-Net on `train`, select on `eval`, publish Model and ModelRun.
 
-    Returns {"epochs", "initial_epoch", "best_epoch", "metrics" (the exported model on eval, in
-    inference mode), "best_epoch_metrics" (the history's eval row that chose the checkpoint),
-    "iou_per_class", "plan" (epochs and steps), "monitor", "bn_momentum", "bn_recalibration_batches",
+    Returns {"chief": True, "epochs", "initial_epoch", "best_epoch", "metrics" (the exported model on
+    eval, in inference mode), "best_epoch_metrics" (the history's eval row that chose the checkpoint),
+    "iou_per_class", "plan" (epochs and steps), "monitor", "bn_momentum", "encoder", "bn_recalibration_batches",
     "class_weights", "warm_start", "strategy", "replicas", "precision", "parameters", "counts"}.
+    A non-chief worker of a multi-worker run (TF_CONFIG) trains its share, publishes nothing and
+    returns {"chief": False, "epochs", "initial_epoch", "plan", "strategy", "replicas", "precision"}.
     """
     import keras
 
-    depth = int(model_config["depth"])
-    if image_size % 2**depth:
+    from segpipe.components.core.encoders import UNET, input_size_problem, load_encoder_weights
+
+    depth, encoder = int(model_config["depth"]), str(model_config.get("encoder", UNET))  # see create_model
+    if encoder == UNET and image_size % 2**depth:
         raise BadInputError(f"image_size {image_size} is not divisible by 2**model.depth = {2**depth}")
+    if input_size_problem(encoder, image_size):
+        raise BadInputError(input_size_problem(encoder, image_size))
+    # Before any TensorFlow op: MultiWorkerMirrored configures the collectives of the process.
+    strategy = select_strategy(str(train_config["distribution"]))
     files = {split: check_split(transformed_examples_uri, split, image_size) for split in (artifacts.TRAIN, artifacts.EVAL)}
     keras.utils.set_random_seed(int(train_config["seed"]))
     backup = Path(backup_dir)
-    (backup / RUN_DIR).mkdir(parents=True, exist_ok=True)
     initial_epoch = resumed_epoch(backup)
     if initial_epoch:
         log.info("resuming from %s after %d completed epoch(s)", backup, initial_epoch)
@@ -664,21 +882,39 @@ def train_model(
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)
     try:
-        strategy = select_strategy(str(train_config["distribution"]))
+        # Only the chief writes the backup and publishes. Another worker of a multi-worker run
+        # saves its callbacks' files into a scratch folder of its own, removed when it ends.
+        chief = bool(strategy.extended.should_checkpoint)
+        write_dir = backup if chief else Path(tempfile.mkdtemp(prefix="segpipe-worker-"))
+        (write_dir / RUN_DIR).mkdir(parents=True, exist_ok=True)
         plan, class_weights = plan_run(files[artifacts.TRAIN], transformed_examples_uri, image_size=image_size,
                                        num_classes=num_classes, train_config=train_config,
                                        replicas=int(strategy.num_replicas_in_sync))
         momentum = model_config["bn_momentum"]
         if momentum == "auto":
             momentum = fitted_bn_momentum(plan["steps_per_epoch"], plan["steps"])
-        run_model_config = {**model_config, "bn_momentum": float(momentum)}
+        run_model_config = {**model_config, "bn_momentum": float(momentum),
+                            **encoder_input_range(encoder, transform_graph_uri)}
         with strategy.scope():
             model = create_model(image_size, num_classes, run_model_config)
+            if encoder != UNET and model_config["encoder_weights"]:  # the warm start below replaces them if it applies
+                load_encoder_weights(model, str(model_config["encoder_weights"]))
             warm = warm_start(model, base_model_uri if train_config["warm_start"] else None)
             compile_model(model, num_classes, train_config, total_steps=plan["steps"], class_weights=class_weights)
-        history = fit_model(model, files, backup, image_size=image_size, train_config=train_config, strategy=strategy,
-                            epochs=plan["epochs"], patience=plan["early_stopping_patience"],
-                            num_records=plan["records"])
+        try:
+            history = fit_model(model, files, backup, image_size=image_size, train_config=train_config,
+                                strategy=strategy, epochs=plan["epochs"], patience=plan["early_stopping_patience"],
+                                num_records=plan["records"], write_dir=write_dir,
+                                freeze_epochs=int(model_config["encoder_freeze_epochs"]) if encoder != UNET else 0)
+        finally:
+            if not chief:
+                shutil.rmtree(write_dir, ignore_errors=True)
+        if not chief:
+            log.info("worker %s: trained through epoch %d; the chief exports and publishes",
+                     strategy.cluster_resolver.task_id, int(history[-1]["epoch"]) + 1)
+            return {"chief": False, "epochs": int(history[-1]["epoch"]) + 1, "initial_epoch": initial_epoch,
+                    "plan": plan, "strategy": type(strategy).__name__,
+                    "replicas": int(strategy.num_replicas_in_sync), "precision": precision}
         best_weights = backup / RUN_DIR / BEST_WEIGHTS_FILE
         if best_weights.is_file():
             model.load_weights(str(best_weights))
@@ -691,6 +927,7 @@ def train_model(
     mode = MONITOR_MODES[monitor]
     best = history[best_index([row.get(monitor, -math.inf if mode == "max" else math.inf) for row in history], mode)]
     summary = {
+        "chief": True,
         "epochs": len(history),
         "initial_epoch": initial_epoch,
         "best_epoch": int(best["epoch"]) + 1,
@@ -699,7 +936,8 @@ def train_model(
         "iou_per_class": final["iou_per_class"],
         "plan": plan,
         "monitor": monitor,
-        "bn_momentum": float(momentum) if model_config["batch_norm"] else None,
+        "bn_momentum": float(momentum) if model_config["batch_norm"] or encoder != UNET else None,
+        "encoder": encoder,
         "bn_recalibration_batches": recalibrated,
         "class_weights": class_weights,
         "warm_start": warm,
@@ -778,21 +1016,35 @@ def augment_options(train_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def fit_model(
     model: Any, files: Mapping[str, list[str]], backup: Path, *, image_size: int, train_config: Mapping[str, Any],
-    strategy: Any, epochs: int, patience: int, num_records: int,
+    strategy: Any, epochs: int, patience: int, num_records: int, write_dir: Path, freeze_epochs: int,
 ) -> list[dict[str, float]]:
-    """model.fit with the resumable callbacks; returns the full per-epoch history (resumed runs too).
+    """model.fit with the resumable callbacks; returns the per-epoch history written under `write_dir`
+    (the full history, resumed runs too, when `write_dir` is the backup: the chief's).
 
-    `num_records` is the train split's length, so each epoch is exactly the planned steps.
+    `num_records` is the train split's length, so each epoch is exactly the planned steps. The
+    batches are global (`train.batch_size` per replica x replicas); under MultiWorkerMirrored every
+    worker builds the same input and keeps its replicas' share of each batch (sharding by DATA).
+    Sharding by FILE would give workers unequal shares of unequal shards, so their step counts
+    would differ from the planned, declared epoch length (and a single shard cannot be split at all).
+    `freeze_epochs` > 0 trains the first epochs with the backbone frozen (encoder_freeze_callback).
     """
+    import tensorflow as tf
+
     seed = int(train_config["seed"])
     batch_size = int(train_config["batch_size"]) * int(strategy.num_replicas_in_sync)
     common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config["cache"])}
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train = make_dataset(files[artifacts.TRAIN], training=True, shuffle_buffer=int(train_config["shuffle_buffer"]),
                          augment=augment_options(train_config), seed=seed, num_records=num_records, **common)
     evaluation = make_dataset(files[artifacts.EVAL], training=False, **common)
-    history_path = backup / RUN_DIR / HISTORY_FILE
-    previous = [row for row in read_history(history_path) if int(row["epoch"]) < resumed_epoch(backup)]
-    callbacks = make_callbacks(backup, monitor=str(train_config["monitor"]), patience=patience, previous=previous)
+    train, evaluation = train.with_options(options), evaluation.with_options(options)
+    previous = [row for row in read_history(backup / RUN_DIR / HISTORY_FILE) if int(row["epoch"]) < resumed_epoch(backup)]
+    history_path = write_dir / RUN_DIR / HISTORY_FILE
+    callbacks = make_callbacks(backup, monitor=str(train_config["monitor"]), patience=patience, previous=previous,
+                               write_dir=write_dir)
+    if freeze_epochs > 0:  # before BackupAndRestore (last), which restores the optimizer it builds
+        callbacks.insert(len(callbacks) - 1, encoder_freeze_callback(freeze_epochs))
     with warnings.catch_warnings():
         # The streamed eval TFRecords have no declared length, so each evaluation ends by running
         # out of data; Keras warns about that every epoch although it is the intended end.

@@ -10,9 +10,9 @@ Outputs (both published atomically, together):
 - Transform graph artifact = the TFT output dir: `tft.TFTransformOutput(transform_graph_uri)` loads
   it (`transform_fn/`, `transformed_metadata/`, and `metadata/` holding the raw feature spec).
 - Transformed examples artifact: `Split-train/` and `Split-eval/` with GZIP `data-*.tfrecord.gz`
-  shards of tf.train.Example: `image` float32 list (S*S*3, HWC order), `mask` int64 list (S*S), `id`
-  bytes. `tft_output.transformed_feature_spec()` parses them straight into [S, S, 3] / [S, S].
-  The `test` split is NOT transformed: the Evaluator feeds raw test bytes through the model's
+  shards (at most RECORDS_PER_SHARD records each) of tf.train.Example: `image` float32 list
+  (S*S*3, HWC order), `mask` int64 list (S*S), `id` bytes. `tft_output.transformed_feature_spec()`
+  parses them straight into [S, S, 3] / [S, S]. The `test` split is NOT transformed: the Evaluator feeds raw test bytes through the model's
   serving signature, which runs this same graph.
 
 Serving contract of the transform graph:
@@ -49,6 +49,10 @@ RAW_SERVING_KEYS = (artifacts.IMAGE_KEY,)
 # 1,000 records, and 1,000 decoded 128 px images with their masks cost ~0.4 GiB per batch.
 DEFAULT_BATCH_SIZE = 64
 MAP_PARALLELISM = 16  # tf.map_fn parallel_iterations: per-image decodes run concurrently
+# Transformed records per output shard: a few hundred images already make several shards, which
+# the trainer reads in parallel (measured in benchmarks/bench_input.py); 128 records of 128 px
+# float32 images are 15-25 MB compressed.
+RECORDS_PER_SHARD = 128
 STD_EPSILON = 1e-6  # keeps a constant channel from dividing by zero
 TELEMETRY = ["segpipe", "transform"]
 
@@ -228,13 +232,28 @@ def build_transform_pipeline(
             transformed
             | f"Encode[{split}]" >> beam.FlatMap(encode)
             | f"Count[{split}]" >> beam.Map(count_record, split)
-            | f"Write[{split}]"
-            >> beam.io.WriteToTFRecord(
-                artifacts.shard_prefix(transformed_examples_dir, split),
-                file_name_suffix=".tfrecord.gz",
-                compression_type=beam.io.filesystem.CompressionTypes.GZIP,
+            | f"Write[{split}]" >> beam.io.Write(
+                tfrecord_sink(artifacts.shard_prefix(transformed_examples_dir, split), RECORDS_PER_SHARD)
             )
         )
+
+
+def tfrecord_sink(prefix: str, records_per_shard: int) -> Any:
+    """Beam's GZIP TFRecord sink (`<prefix>-SSSSS-of-NNNNN.tfrecord.gz`) that starts a new shard every
+    `records_per_shard` records.
+
+    Several shards let the trainer inflate and parse them in parallel (one GZIP stream is read by
+    one thread). The roll-over streams: a fixed `num_shards` would first group the whole split in
+    one place (in memory on the FnApiRunner). Beam's finalize step still names the shards and
+    drops the files of failed bundle attempts.
+    """
+    from apache_beam.coders import BytesCoder
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.tfrecordio import _TFRecordSink  # WriteToTFRecord's sink, which has no roll-over option
+
+    sink = _TFRecordSink(prefix, BytesCoder(), ".tfrecord.gz", 0, None, CompressionTypes.GZIP)
+    sink.max_records_per_shard = records_per_shard  # FileBasedSink's roll-over, honoured by Beam's Write
+    return sink
 
 
 def count_record(record: bytes, split: str) -> bytes:

@@ -21,6 +21,14 @@ from typing import Any, Mapping
 import yaml
 
 from segpipe.components.core.edge import VARIANTS as TFLITE_VARIANTS
+from segpipe.components.core.encoders import (
+    ENCODER_CHOICES,
+    ENCODERS,
+    MOBILENET_ALPHAS,
+    UNET,
+    WEIGHT_SUFFIXES,
+    input_size_problem,
+)
 
 AUTO_PROFILE = "auto"  # no preset: the plan step fits the recipe to the data and the budget
 PROFILES = (AUTO_PROFILE, "demo", "seed")
@@ -78,11 +86,29 @@ class ModelConfig:
     batch_norm: bool
     dropout: float = field(metadata=_rng(0.0, 0.9))
     bn_momentum: str | float  # "auto" (fitted to the planned steps) or a momentum in [0, 1)
+    encoder: str = field(metadata=_rng(choices=ENCODER_CHOICES))  # unet: no backbone
+    encoder_alpha: float  # mobilenet_v2's width multiplier
+    encoder_weights: str  # the backbone's Keras weights file; "" = random initialisation
+    encoder_freeze_epochs: int = field(metadata=_rng(0))
 
     def __post_init__(self) -> None:
         momentum = self.bn_momentum
         if momentum != "auto" and (isinstance(momentum, str) or not 0.0 <= momentum < 1.0):
             raise ConfigError(f"model.bn_momentum: {momentum!r} is neither auto nor a number in [0, 1)")
+        backbone = ENCODERS.get(self.encoder)
+        if backbone is None:
+            for name in ("encoder_weights", "encoder_freeze_epochs"):
+                if getattr(self, name):
+                    raise ConfigError(f"model.{name}: needs a backbone, but model.encoder is {self.encoder}")
+        if backbone is not None and backbone.widths and self.encoder_alpha not in MOBILENET_ALPHAS:
+            raise ConfigError(f"model.encoder_alpha: {self.encoder_alpha} is not one of "
+                              f"{', '.join(map(str, MOBILENET_ALPHAS))} ({self.encoder}'s widths)")
+        if (backbone is None or not backbone.widths) and self.encoder_alpha != 1.0:
+            raise ConfigError(f"model.encoder_alpha: model.encoder {self.encoder} has no width multiplier; "
+                              f"keep 1.0, got {self.encoder_alpha}")
+        if self.encoder_weights and not self.encoder_weights.endswith(WEIGHT_SUFFIXES):
+            raise ConfigError(f"model.encoder_weights: {self.encoder_weights!r} is not a Keras weights file "
+                              f"({' or '.join(WEIGHT_SUFFIXES)})")
 
 
 @dataclass(frozen=True)
@@ -105,11 +131,54 @@ class TrainConfig:
     augment_zoom: float = field(metadata=_rng(0.0, 0.9))
     mixed_precision: str = field(metadata=_rng(choices=("auto", "on", "off")))
     jit_compile: bool
-    distribution: str = field(metadata=_rng(choices=("auto", "multi_worker")))
+    distribution: str = field(metadata=_rng(choices=("auto", "mirrored", "multi_worker")))
     warm_start: bool
     seed: int = field(metadata=_rng(0))
     budget_minutes: float = field(metadata=_rng(0.5))  # the plan's training-time budget
     device: str  # what the plan assumes the trainer runs on: auto (detected) | cpu:N | gpu:N
+
+
+# The Tuner's search-space fields and the config field whose candidate values each one lists.
+TUNED_FIELDS = {
+    "learning_rate": "train.learning_rate",
+    "base_filters": "model.base_filters",
+    "loss": "train.loss",
+    "augment_flip": "train.augment_flip",
+    "augment_rot90": "train.augment_rot90",
+    "augment_zoom": "train.augment_zoom",
+}
+
+
+@dataclass(frozen=True)
+class TunerConfig:
+    enabled: bool
+    max_trials: int = field(metadata=_rng(1))
+    budget_minutes: float = field(metadata=_rng(0.0))  # > 0
+    trial_fraction: float = field(metadata=_rng(0.0, 1.0))  # > 0: of the Trainer's planned epochs
+    learning_rate: tuple[float, ...]  # candidates; () leaves the field out of the search
+    base_filters: tuple[int, ...]
+    loss: tuple[str, ...]
+    augment_flip: tuple[bool, ...]
+    augment_rot90: tuple[bool, ...]
+    augment_zoom: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for name in ("budget_minutes", "trial_fraction"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"tuner.{name}: must be positive")
+        sections = {"model": ModelConfig, "train": TrainConfig}
+        for name, dotted in TUNED_FIELDS.items():
+            values = getattr(self, name)
+            if len(set(values)) < len(values):
+                raise ConfigError(f"tuner.{name}: {list(values)} lists a value twice")
+            section, _, target = dotted.partition(".")
+            meta = next(f.metadata for f in dataclasses.fields(sections[section]) if f.name == target)
+            for i, value in enumerate(values):  # each candidate must be a valid value of its field
+                _check_range(value, meta, f"tuner.{name}[{i}]")
+
+    def search_space(self) -> dict[str, list[Any]]:
+        """Dotted config field -> its candidate values, for every field with candidates."""
+        return {dotted: list(getattr(self, name)) for name, dotted in TUNED_FIELDS.items() if getattr(self, name)}
 
 
 @dataclass(frozen=True)
@@ -154,6 +223,11 @@ class PushConfig:
 
 
 @dataclass(frozen=True)
+class BulkInferenceConfig:
+    enabled: bool  # the bulk_inferrer node after the pusher: the newest span scored by the pushed version
+
+
+@dataclass(frozen=True)
 class BeamConfig:
     pipeline_args: tuple[str, ...]
 
@@ -172,6 +246,13 @@ class KubeflowConfig:
     gpu_tolerations: tuple[str, ...]  # "key=value:Effect" or "key:Effect"
     retries: int = field(metadata=_rng(0))
     backoff_seconds: int = field(metadata=_rng(0))
+    trainer_workers: int = field(metadata=_rng(1))  # > 1: the trainer runs as a TFJob (pipeline/tfjob.py)
+    tfjob_timeout_minutes: float = field(metadata=_rng(0.0))
+    tfjob_cleanup: str = field(metadata=_rng(choices=("on_success", "always", "never")))
+
+    def __post_init__(self) -> None:
+        if self.tfjob_timeout_minutes <= 0:
+            raise ConfigError("kubeflow.tfjob_timeout_minutes: must be positive")
 
 
 @dataclass(frozen=True)
@@ -194,9 +275,11 @@ class SegpipeConfig:
     transform: TransformConfig
     model: ModelConfig
     train: TrainConfig
+    tuner: TunerConfig
     evaluation: EvaluationConfig
     infra_validation: InfraValidationConfig
     push: PushConfig
+    bulk_inference: BulkInferenceConfig
     beam: BeamConfig
     kubeflow: KubeflowConfig
     metadata: MetadataConfig
@@ -205,7 +288,7 @@ class SegpipeConfig:
     explicit: tuple[str, ...] = field(default=(), compare=False, metadata={"derived": True})
 
     # Derived locations. A relative path in the config has one base: `root` for data.root,
-    # push.serving_dir, metadata.sqlite_path and validation.schema_path, `data.root` for
+    # push.serving_dir, metadata.sqlite_path, validation.schema_path and model.encoder_weights, `data.root` for
     # data.input_pattern; `root` itself is relative to the current directory. "" means the
     # default place under that base. An absolute path or a URI (gs://...) is used unchanged,
     # which is how the CLI's paths (made absolute against the current directory) win.
@@ -220,6 +303,10 @@ class SegpipeConfig:
     @property
     def sqlite_path(self) -> str:
         return join_path(self.root, self.metadata.sqlite_path or "metadata.sqlite")
+
+    @property
+    def encoder_weights_path(self) -> str:
+        return join_path(self.root, self.model.encoder_weights) if self.model.encoder_weights else ""
 
     @property
     def schema_path(self) -> str:
@@ -369,7 +456,9 @@ def _check_consistency(cfg: SegpipeConfig) -> None:
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name}: must not be empty")
     factor = 2 ** cfg.model.depth
-    if cfg.transform.image_size % factor:
+    if input_size_problem(cfg.model.encoder, cfg.transform.image_size):
+        raise ConfigError(input_size_problem(cfg.model.encoder, cfg.transform.image_size))  # names both fields
+    if cfg.model.encoder == UNET and cfg.transform.image_size % factor:  # a backbone ignores model.depth
         raise ConfigError(
             f"transform.image_size: {cfg.transform.image_size} is not divisible by 2**model.depth = {factor}"
         )

@@ -8,7 +8,9 @@ pattern, span, threshold, epochs, image size, profile, root) are pipeline parame
 `config` task turns them plus the compile-time config into the run's config JSON. Epochs and image
 size default to 0, "not set", unless the compiled config set them: the profile's value, or under
 `profile: auto` the Plan task's choice. The Plan task runs on a CPU pod and plans for the trainer
-pod's declared resources (`train.device`, else the `kubeflow` section's requests).
+pod's declared resources (`train.device`, else the `kubeflow` section's requests). With
+`tuner.enabled` the Tuner is a GPU task like the trainer, whose `tuned_` component variant then
+takes the Tuner's Hyperparameters artifact.
 
 This module deliberately has no `from __future__ import annotations`: KFP reads the component
 signatures' annotations at runtime (Input[Model], NamedTuple outputs) and cannot parse strings.
@@ -28,6 +30,7 @@ from segpipe.components.core import artifacts
 from segpipe.components.plan import PLANNED_FIELDS
 from segpipe.pipeline.config import SegpipeConfig, load_config, with_overrides
 from segpipe.pipeline.pipeline import (
+    HYPERPARAMETERS_INPUT,
     RUN_PARAMETERS,
     Node,
     NodeContext,
@@ -99,6 +102,13 @@ def run_node(name: str, config: str, **arguments: Any) -> str:
     node = nodes_by_name(create_pipeline(cfg))[name]
     if node.is_resolver:
         return node.fn(**node.params(cfg)) or ""
+    inputs, outputs, ctx = node_call(node, cfg, arguments)
+    return json.dumps(execute_node(node, cfg, inputs, outputs, ctx), default=str, sort_keys=True)
+
+
+def node_call(node: Node, cfg: SegpipeConfig, arguments: dict) -> tuple[dict, dict, NodeContext]:
+    """`execute_node`'s inputs, outputs and context from a component's KFP arguments."""
+    name = node.name
     paths = {key: _as_path_or_value(value) for key, value in arguments.items()}
     inputs = {arg: paths.get(artifact_name(arg)) for arg in node.inputs}
     inputs.update({key: paths.get(key) for key in node.context})
@@ -110,7 +120,7 @@ def run_node(name: str, config: str, **arguments: Any) -> str:
         inputs=inputs,
         scratch_dir=scratch_dir(cfg, key),
     )
-    return json.dumps(execute_node(node, cfg, inputs, outputs, ctx), default=str, sort_keys=True)
+    return inputs, outputs, ctx
 
 
 # ------------------------------------------------------------------ one lightweight component per node
@@ -187,12 +197,64 @@ def latest_model(config: str) -> str:
     return run_node("latest_model", config)
 
 
+def tuner(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact], plan: Input[Artifact],
+          hyperparameters: Output[Artifact]) -> str:
+    from segpipe.pipeline.kubeflow import run_node
+
+    return run_node("tuner", config, transformed_examples=transformed_examples, transform_graph=transform_graph,
+                    plan=plan, hyperparameters=hyperparameters)
+
+
 def trainer(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact], base_model: str,
             plan: Input[Artifact], model: Output[Model], model_run: Output[Artifact]) -> str:
     from segpipe.pipeline.kubeflow import run_node
 
     return run_node("trainer", config, transformed_examples=transformed_examples, transform_graph=transform_graph,
                     base_model=base_model, plan=plan, model=model, model_run=model_run)
+
+
+def tuned_trainer(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact],
+                  base_model: str, plan: Input[Artifact], hyperparameters: Input[Artifact], model: Output[Model],
+                  model_run: Output[Artifact]) -> str:
+    from segpipe.pipeline.kubeflow import run_node
+
+    return run_node("trainer", config, transformed_examples=transformed_examples, transform_graph=transform_graph,
+                    base_model=base_model, plan=plan, hyperparameters=hyperparameters, model=model,
+                    model_run=model_run)
+
+
+def trainer_tfjob(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact],
+                  base_model: str, plan: Input[Artifact], model: Output[Model], model_run: Output[Artifact]) -> str:
+    from segpipe.pipeline.tfjob import run_trainer_tfjob
+
+    return run_trainer_tfjob(config, transformed_examples=transformed_examples, transform_graph=transform_graph,
+                             base_model=base_model, plan=plan, model=model, model_run=model_run)
+
+
+def tuned_trainer_tfjob(config: str, transformed_examples: Input[Dataset], transform_graph: Input[Artifact],
+                        base_model: str, plan: Input[Artifact], hyperparameters: Input[Artifact],
+                        model: Output[Model], model_run: Output[Artifact]) -> str:
+    from segpipe.pipeline.tfjob import run_trainer_tfjob
+
+    return run_trainer_tfjob(config, transformed_examples=transformed_examples, transform_graph=transform_graph,
+                             base_model=base_model, plan=plan, hyperparameters=hyperparameters, model=model,
+                             model_run=model_run)
+
+
+def launches_tfjob(node: Node, cfg: SegpipeConfig) -> bool:
+    """The trainer on `kubeflow.trainer_workers` > 1: its CPU task runs a TFJob (pipeline/tfjob.py)."""
+    return node.name == "trainer" and cfg.kubeflow.trainer_workers > 1
+
+
+def component_function(node: Node, cfg: SegpipeConfig) -> Callable[..., Any]:
+    """The node's component. The trainer's `tuned_` variants also take the Tuner's artifact (tuner.enabled):
+    a variant, not an optional input, because kfp.local cannot run a task with an unset input artifact."""
+    if node.name != "trainer":
+        return COMPONENT_FUNCTIONS[node.name]
+    tuned = HYPERPARAMETERS_INPUT in node.context
+    if launches_tfjob(node, cfg):
+        return tuned_trainer_tfjob if tuned else trainer_tfjob
+    return tuned_trainer if tuned else trainer
 
 
 def evaluator(config: str, model: Input[Model], examples: Input[Dataset], baseline_model: str,
@@ -221,18 +283,29 @@ def infra_validator(config: str, model: Input[Model], examples: Input[Dataset], 
 
 def pusher(config: str, model: Input[Model], blessing: Input[Artifact], evaluation: Input[Artifact],
            infra_blessing: Input[Artifact], examples: Input[Dataset], statistics: Input[Artifact], run_id: str,
-           pushed_model: Output[Artifact]) -> str:
+           pushed_model: Output[Artifact]) -> NamedTuple("PusherOutputs", [("result", str), ("pushed", bool)]):
+    import json
+
     from segpipe.pipeline.kubeflow import run_node
 
-    return run_node("pusher", config, model=model, blessing=blessing, evaluation=evaluation,
-                    infra_blessing=infra_blessing, examples=examples, statistics=statistics, run_id=run_id,
-                    pushed_model=pushed_model)
+    result = run_node("pusher", config, model=model, blessing=blessing, evaluation=evaluation,
+                      infra_blessing=infra_blessing, examples=examples, statistics=statistics, run_id=run_id,
+                      pushed_model=pushed_model)
+    return (result, bool(json.loads(result)["pushed"]))  # `pushed` gates the BulkInferrer
+
+
+def bulk_inferrer(config: str, pushed_model: Input[Artifact], examples: Input[Dataset],
+                  inference_result: Output[Artifact]) -> str:
+    from segpipe.pipeline.kubeflow import run_node
+
+    return run_node("bulk_inferrer", config, pushed_model=pushed_model, examples=examples,
+                    inference_result=inference_result)
 
 
 COMPONENT_FUNCTIONS: dict[str, Callable[..., Any]] = {
     fn.__name__: fn
     for fn in (example_gen, statistics_gen, schema_gen, previous_statistics, example_validator, plan, transform,
-               latest_model, trainer, evaluator, infra_validator, pusher)
+               latest_model, tuner, trainer, evaluator, infra_validator, pusher, bulk_inferrer)
 }
 
 
@@ -348,7 +421,8 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
     nodes = create_pipeline(cfg)
     components = {}
     for node in nodes:
-        component = dsl.component(COMPONENT_FUNCTIONS[node.name], base_image=image, install_kfp_package=False)
+        function = component_function(node, cfg)
+        component = dsl.component(function, base_image=image, install_kfp_package=False)
         check_component(node, component)
         components[node.name] = component
     config_component = dsl.component(make_config, base_image=image, install_kfp_package=False)
@@ -391,7 +465,9 @@ def build_pipeline(cfg: SegpipeConfig, *, image: str | None = None, with_conditi
             task = components[node.name](**arguments)
             for name in node.after:
                 task.after(tasks[name])
-            apply_resources(task, node, cfg, resolver=node.is_resolver)
+            # A TFJob launcher needs no GPU: its replicas get the trainer's resources.
+            resourced = dataclasses.replace(node, gpu=False) if launches_tfjob(node, cfg) else node
+            apply_resources(task, resourced, cfg, resolver=node.is_resolver)
             tasks[node.name] = task
         while entered:
             entered.pop()[1].__exit__(None, None, None)

@@ -162,6 +162,8 @@ class LocalRunner:
             if uri is not None:
                 refs.append(md.ArtifactRef(argument, str(Path(uri).resolve()), source.types[key],
                                            {"fingerprint": source.fingerprints[key]}))
+            if ref.output is not None:  # a step reading the Pusher's output reads the version it pushed
+                refs.extend(self._serving_output(source.result))
         return paths, refs, sorted(prints)
 
     def _execution_key(self, node: Node, params: dict[str, Any], input_prints: list[str]) -> str:

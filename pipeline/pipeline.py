@@ -1,16 +1,19 @@
 """The segpipe DAG, declared once.
 
 ExampleGen -> StatisticsGen -> schema import -> ExampleValidator -> Plan (the recipe fitted to the
-data and the budget) -> Transform -> Trainer (warm start from the latest blessed model) -> Evaluator
+data and the budget) -> Transform -> Tuner (optional, `tuner.enabled`: a KerasTuner search whose best
+values the Trainer takes) -> Trainer (warm start from the latest blessed model) -> Evaluator
 (baseline: the same model) -> InfraValidator (the blessed model loaded the way a model server loads
-it) -> Pusher (only if both blessed).
+it) -> Pusher (only if both blessed) -> BulkInferrer (optional, `bulk_inference.enabled`: the newest
+span scored by the version just pushed).
 
 `create_pipeline(cfg)` returns the nodes in execution order. A node names the real component
 function, which of its arguments are input artifacts (references to other nodes' outputs), which are
 output artifacts (and their types), and how the config maps to its plain parameters. Two resolver
 nodes (the latest blessed model, the statistics that model was trained on) read the serving dir, so
 the local runner and Kubeflow apply the same rule. Both runners call `execute_node`; neither has its
-own copy of the wiring, nor of how the plan reaches Transform and the Trainer (`planned_config`).
+own copy of the wiring, nor of how the plan and the tuner's values reach Transform and the Trainer
+(`planned_config`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from segpipe.components.bulk_inferrer import infer_examples
 from segpipe.components.core import artifacts
 from segpipe.components.evaluator import evaluate_model
 from segpipe.components.example_gen import resolve_spans, run_example_gen
@@ -34,12 +38,14 @@ from segpipe.components.schema_gen import import_schema
 from segpipe.components.statistics_gen import generate_statistics
 from segpipe.components.trainer import train_model
 from segpipe.components.transform import run_transform
+from segpipe.components.tuner import read_values, tune_hyperparameters
 from segpipe.pipeline.config import SegpipeConfig, with_overrides
 
 log = logging.getLogger(__name__)
 
 BACKUPS_DIR = ".trainer_backups"  # under the pipeline root: BackupAndRestore state per execution
 PLAN_INPUT = "plan"  # the context ref of a node whose parameters the plan's overrides feed
+HYPERPARAMETERS_INPUT = "hyperparameters"  # ... and the Tuner's best values, after the plan's
 
 # Run parameters: what a user changes per run (CLI flags locally, pipeline parameters on Kubeflow),
 # mapped to the config field each one sets. `span` -1 means "the latest span".
@@ -200,6 +206,7 @@ def _plan_params(cfg: SegpipeConfig) -> dict[str, Any]:
         "base": {name: config_value(cfg, name) for name in PLANNED_FIELDS},
         "profile": cfg.profile,
         "num_classes": cfg.data.num_classes,
+        "encoder": cfg.model.encoder,
     }
 
 
@@ -207,9 +214,17 @@ def _trainer_params(cfg: SegpipeConfig) -> dict[str, Any]:
     return {
         "num_classes": cfg.data.num_classes,
         "image_size": cfg.transform.image_size,
-        "model_config": dataclasses.asdict(cfg.model),
+        "model_config": {**dataclasses.asdict(cfg.model), "encoder_weights": cfg.encoder_weights_path},
         "train_config": dataclasses.asdict(cfg.train),
     }
+
+
+def _tuner_params(cfg: SegpipeConfig) -> dict[str, Any]:
+    """The Trainer's parameters plus the search: a field the user set is not searched (it wins anyway)."""
+    tuner = cfg.tuner
+    space = {name: values for name, values in tuner.search_space().items() if name not in cfg.explicit}
+    return {**_trainer_params(cfg), "search_space": space, "max_trials": tuner.max_trials,
+            "budget_minutes": tuner.budget_minutes, "trial_fraction": tuner.trial_fraction}
 
 
 def _evaluator_params(cfg: SegpipeConfig) -> dict[str, Any]:
@@ -259,6 +274,19 @@ def _trainer_runtime(cfg: SegpipeConfig, ctx: NodeContext) -> dict[str, Any]:
 def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
     """The segpipe DAG in execution order (each node's inputs come from earlier nodes)."""
     base_model = {"base_model_uri": Ref("latest_model")} if cfg.train.warm_start else {}
+    tuned = {HYPERPARAMETERS_INPUT: Ref("tuner", "hyperparameters_uri")} if cfg.tuner.enabled else {}
+    tuner = Node(
+        "tuner",
+        tune_hyperparameters,
+        _tuner_params,
+        inputs={
+            "transformed_examples_uri": Ref("transform", "transformed_examples_uri"),
+            "transform_graph_uri": Ref("transform", "transform_graph_uri"),
+        },
+        outputs={"hyperparameters_uri": artifacts.HYPERPARAMETERS},
+        context={PLAN_INPUT: Ref("plan", "plan_uri")},
+        gpu=True,  # trains like the Trainer, on the same pool
+    )
     nodes = [
         Node(
             "example_gen",
@@ -338,6 +366,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
             lambda cfg: {"serving_dir": cfg.serving_dir},
             value_type=artifacts.MODEL,
         ),
+        *([tuner] if cfg.tuner.enabled else []),
         Node(
             "trainer",
             train_model,
@@ -348,7 +377,7 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
                 **base_model,
             },
             outputs={"model_uri": artifacts.MODEL, "model_run_uri": artifacts.MODEL_RUN},
-            context={PLAN_INPUT: Ref("plan", "plan_uri")},
+            context={PLAN_INPUT: Ref("plan", "plan_uri"), **tuned},
             runtime=_trainer_runtime,
             gpu=True,
         ),
@@ -395,6 +424,19 @@ def create_pipeline(cfg: SegpipeConfig) -> list[Node]:
             when=Ref("infra_validator", "blessed"),
         ),
     ]
+    if cfg.bulk_inference.enabled:
+        # The newest span scored by the version just pushed: only when the Pusher pushed one.
+        nodes.append(Node(
+            "bulk_inferrer",
+            infer_examples,
+            lambda cfg: {"beam_args": _beam(cfg)},
+            inputs={
+                "pushed_model_uri": Ref("pusher", "pushed_model_uri"),
+                "examples_uri": Ref("example_gen", "examples_uri"),
+            },
+            outputs={"inference_result_uri": artifacts.INFERENCE_RESULT},
+            when=Ref("pusher", "pushed"),
+        ))
     check_order(nodes)
     return nodes
 
@@ -433,13 +475,21 @@ def nodes_by_name(nodes: list[Node]) -> dict[str, Node]:
 
 
 def planned_config(node: Node, cfg: SegpipeConfig, inputs: Mapping[str, str | None]) -> SegpipeConfig:
-    """`cfg` with the Plan's overrides applied when the node takes the plan; else `cfg` itself."""
-    if PLAN_INPUT not in node.context:
+    """`cfg` with the Plan's overrides, then the Tuner's best values, for a node that takes them; else `cfg`.
+
+    A field the user set keeps its value: the plan never chooses one, and a tuner value for one is dropped.
+    """
+    readers = [(name, read) for name, read in ((PLAN_INPUT, read_overrides), (HYPERPARAMETERS_INPUT, read_values))
+               if name in node.context]
+    if not readers:
         return cfg
-    plan_uri = inputs.get(PLAN_INPUT)
-    if plan_uri is None:
-        raise ValueError(f"{node.name}: the plan input is missing")
-    return with_overrides(cfg, read_overrides(plan_uri), explicit=False)
+    overrides: dict[str, Any] = {}
+    for name, read in readers:
+        uri = inputs.get(name)
+        if uri is None:
+            raise ValueError(f"{node.name}: the {name} input is missing")
+        overrides.update(read(uri))
+    return with_overrides(cfg, {k: v for k, v in overrides.items() if k not in cfg.explicit}, explicit=False)
 
 
 def execute_node(

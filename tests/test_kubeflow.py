@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from segpipe.pipeline.cli import main
-from segpipe.pipeline.config import load_config
+from segpipe.pipeline.config import load_config, with_overrides
 from segpipe.pipeline.kubeflow import build_pipeline, check_component, compile_pipeline, normalize_cron, parse_toleration
 from segpipe.pipeline.pipeline import Node, RUN_PARAMETERS, create_pipeline
 
@@ -98,6 +98,34 @@ def test_local_build_leaves_out_the_condition(gpu_cfg):
     assert "pusher" in spec.root.dag.tasks and "new-data" in spec.root.dag.tasks
     assert not any(name.startswith("condition-") for name in spec.root.dag.tasks)
     assert not spec.root.dag.tasks["pusher"].trigger_policy.condition
+
+
+def test_bulk_inferrer_is_a_cpu_task_inside_the_pushers_conditions_when_enabled(gpu_cfg, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(gpu_cfg, bulk_inference=dataclasses.replace(gpu_cfg.bulk_inference, enabled=True))
+    spec, platform, _ = _compiled(cfg, tmp_path / "pipeline.yaml")
+    resources = spec["deploymentSpec"]["executors"]["exec-bulk-inferrer"]["container"]["resources"]
+    assert resources["cpuRequest"] == 1.0 and "accelerator" not in resources
+    assert "exec-bulk-inferrer" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+    # Find the component holding the pusher: new data > evaluator blessed > infra validator blessed.
+    components = spec["components"]
+    [tasks] = [c["dag"]["tasks"] for c in components.values() if "pusher" in c.get("dag", {}).get("tasks", {})]
+    [gate] = [t for name, t in tasks.items() if name.startswith("condition-")]
+    assert set(tasks) == {"pusher", gate["taskInfo"]["name"]}
+    assert gate["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--pusher-pushed'] == true"
+    assert gate["inputs"]["artifacts"]["pipelinechannel--pusher-pushed_model"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "pushed_model", "producerTask": "pusher"}
+    inner = components[gate["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(inner) == ["bulk-inferrer"]
+    assert inner["bulk-inferrer"]["inputs"]["artifacts"] == {
+        "examples": {"componentInputArtifact": "pipelinechannel--example-gen-examples"},
+        "pushed_model": {"componentInputArtifact": "pipelinechannel--pusher-pushed_model"},
+    }
+    assert components["comp-bulk-inferrer"]["outputDefinitions"]["artifacts"]["inference_result"]
+    # The pusher's `pushed` flag is what gates it.
+    assert components["comp-pusher"]["outputDefinitions"]["parameters"]["pushed"]["parameterType"] == "BOOLEAN"
 
 
 def test_component_signatures_must_match_their_nodes(gpu_cfg):
@@ -198,3 +226,23 @@ def test_compiled_pipeline_runs_end_to_end_with_kfp_local(tmp_path, write_tiny_s
     assert json.loads(blessing.read_text())["blessed"] is True
     infra = next((tmp_path / "kfp").rglob("infra_blessing/infra_blessing.json"))
     assert json.loads(infra.read_text())["blessed"] is True and info["infra_validation"]["load_seconds"] > 0
+
+
+def test_the_tuner_compiles_to_its_own_gpu_task_feeding_the_trainer(gpu_cfg, tmp_path):
+    cfg = with_overrides(gpu_cfg, {"tuner.enabled": True})
+    spec, platform, _ = _compiled(cfg, tmp_path / "pipeline.yaml")
+    tuner = spec["deploymentSpec"]["executors"]["exec-tuner"]["container"]["resources"]
+    assert tuner["accelerator"]["resourceCount"] == "2" and tuner["cpuRequest"] == 4.0  # the trainer's resources
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {"exec-tuner", "exec-tuned-trainer"} and k8s["exec-tuner"] == k8s["exec-tuned-trainer"]
+    [gate] = [t for name, t in spec["root"]["dag"]["tasks"].items() if name.startswith("condition-")]
+    tasks = spec["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
+    assert tasks["tuner"]["inputs"]["artifacts"]["plan"]["taskOutputArtifact"]["producerTask"] == "plan"
+    trainer = tasks["tuned-trainer"]  # the trainer's variant with the tuner's input
+    assert trainer["inputs"]["artifacts"]["hyperparameters"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "hyperparameters", "producerTask": "tuner"}
+    assert "tuner" in trainer["dependentTasks"] and trainer["taskInfo"]["name"] == "trainer"
+    off, _, _ = _compiled(gpu_cfg, tmp_path / "off.yaml")  # tuner.enabled false: no task, no input
+    [gate] = [t for name, t in off["root"]["dag"]["tasks"].items() if name.startswith("condition-")]
+    tasks = off["components"][gate["componentRef"]["name"]]["dag"]["tasks"]
+    assert "tuner" not in tasks and "hyperparameters" not in tasks["trainer"]["inputs"]["artifacts"]

@@ -191,6 +191,65 @@ def test_augmentation_moves_image_and_mask_together():
     assert set(np.unique(zoomed.numpy())) <= {0, 1, 255}  # nearest-neighbour keeps class ids
 
 
+def dihedral_moves(image: np.ndarray, flip: bool, rot90: bool) -> list[np.ndarray]:
+    """Every distinct placement augment_batch may give `image`, made with tf.reverse and tf.image.rot90
+    (with both flips and turns, 16 combinations give the 8 symmetries of a square)."""
+    import tensorflow as tf
+
+    moves = []
+    for left_right in (False, True) if flip else (False,):
+        for up_down in (False, True) if flip else (False,):
+            for turns in range(4) if rot90 else (0,):
+                moved = tf.reverse(image, [1]) if left_right else tf.constant(image)
+                moved = tf.reverse(moved, [0]) if up_down else moved
+                moved = tf.image.rot90(moved, turns).numpy()
+                if not any(np.array_equal(moved, seen) for seen in moves):
+                    moves.append(moved)
+    return moves
+
+
+@pytest.mark.parametrize("flip, rot90, expected", [(True, True, 8), (True, False, 4), (False, True, 4)])
+def test_augmentation_draws_each_flip_and_turn_exactly(flip, rot90, expected):
+    """Each example comes out as one of the flips/turns of the reference ops, all of them occur."""
+    import tensorflow as tf
+
+    images = np.arange(64 * 6 * 6 * 3, dtype=np.float32).reshape(64, 6, 6, 3)  # every pixel distinct
+    masks = (np.arange(64 * 36).reshape(64, 6, 6) % 7).astype(np.int32)
+    tf.random.set_seed(3)
+    aug_images, aug_masks = trainer.augment_batch(tf.constant(images), tf.constant(masks), flip=flip, rot90=rot90, zoom=0.0)
+    assert aug_masks.dtype == tf.int32
+    used = set()
+    for image, mask, out_image, out_mask in zip(images, masks, aug_images.numpy(), aug_masks.numpy()):
+        both, out = np.concatenate([image, mask[..., None]], -1), np.concatenate([out_image, out_mask[..., None]], -1)
+        matches = [i for i, moved in enumerate(dihedral_moves(both, flip, rot90)) if np.array_equal(moved, out)]
+        assert len(matches) == 1  # image and mask moved the same way, as one of the reference moves
+        used.add(matches[0])
+    assert len(used) == expected
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_augmented_training_batches_keep_every_pixel(tiny_transform, cache):
+    """Flips and turns only move pixels: per epoch the label counts equal the unaugmented ones."""
+    files = artifacts.split_files(tiny_transform["transformed"], "train")
+    plain = trainer.make_dataset(files, image_size=SIZE, batch_size=3, training=False)
+    moved = trainer.make_dataset(files, image_size=SIZE, batch_size=3, training=True, shuffle_buffer=8, cache=cache,
+                                 augment={"flip": True, "rot90": True, "zoom": 0.0}, seed=1)
+
+    def totals(dataset):
+        batches = list(dataset)
+        labels = np.bincount(np.concatenate([m.numpy().ravel() for _, m in batches]), minlength=256)
+        return labels, sum(float(i.numpy().sum()) for i, _ in batches)
+
+    expected_labels, expected_sum = totals(plain)
+    for _ in range(2):  # a cached dataset is augmented afresh each epoch
+        labels, pixel_sum = totals(moved)
+        np.testing.assert_array_equal(labels, expected_labels)
+        assert pixel_sum == pytest.approx(expected_sum, rel=1e-5)
+    batches = list(moved)  # training hands on batches as they finish: the short one may come first
+    assert sorted(int(images.shape[0]) for images, _ in batches) == [1, 3]
+    assert all(images.shape[1:] == (SIZE, SIZE, 3) and masks.dtype.name == "int32" for images, masks in batches)
+
+
 def test_dataset_streams_parsed_batches(tiny_transform):
     files = artifacts.split_files(tiny_transform["transformed"], "eval")
     dataset = trainer.make_dataset(files, image_size=SIZE, batch_size=3, training=False)

@@ -128,14 +128,23 @@ def run(root: Path, standardize: bool) -> dict:
     )
 
 
-def test_transform_outputs_match_pil_reference(raw_artifacts):
+def test_transform_outputs_match_pil_reference(raw_artifacts, monkeypatch):
+    import tensorflow as tf
+
+    from segpipe.components import transform
+
     root, written = raw_artifacts
+    monkeypatch.setattr(transform, "RECORDS_PER_SHARD", 5)  # rolls 12 train / 6 eval records over to new shards
     result = run(root, standardize=False)
 
     assert result["counts"] == {"train": 12, "eval": 6}
     assert artifacts.read_info(root / "transformed").counts == {"train": 12, "eval": 6}
     assert artifacts.read_info(root / "graph").type == artifacts.TRANSFORM_GRAPH
     assert not artifacts.split_dir(root / "transformed", artifacts.TEST).exists()
+    for split, total in ((artifacts.TRAIN, 12), (artifacts.EVAL, 6)):
+        per_shard = [sum(1 for _ in tf.data.TFRecordDataset(f, compression_type="GZIP"))
+                     for f in artifacts.split_files(root / "transformed", split)]
+        assert sum(per_shard) == total and len(per_shard) >= -(-total // 5) and max(per_shard) <= 5, per_shard
     for split in (artifacts.TRAIN, artifacts.EVAL):
         transformed = read_transformed(root / "transformed", root / "graph", split)
         assert set(transformed) == set(written[split])

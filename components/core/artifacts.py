@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 EXAMPLES = "Examples"
 STATISTICS = "ExampleStatistics"
 PLAN = "Plan"
+HYPERPARAMETERS = "Hyperparameters"  # the Tuner's best values and its trials
 SCHEMA = "Schema"
 ANOMALIES = "ExampleAnomalies"
 TRANSFORM_GRAPH = "TransformGraph"

@@ -254,6 +254,61 @@ def predict_probabilities(model: ServingModel, encoded_images: list[bytes]) -> n
     return predict_bytes(model.loaded, encoded_images)[PROBABILITIES].astype(np.float32)
 
 
+# ------------------------------------------------------------------ image bytes for serving_default
+
+# The serving graph's tf.io.decode_image is fed these as they are. Their header size (read by PIL in
+# `image_for_serving`, capped by data_format.MAX_IMAGE_PIXELS) is the size TensorFlow decodes.
+SERVED_FORMATS = ("PNG", "JPEG")
+
+
+@dataclass(frozen=True)
+class ServingImage:
+    """One image ready for `serving_default`: the bytes to send and the image's own size."""
+
+    data: bytes
+    height: int
+    width: int
+    rgb: np.ndarray | None  # uint8 [height, width, 3] when decoded (`decode=True`), else None
+
+
+def image_for_serving(image: bytes, *, decode: bool) -> ServingImage:
+    """The bytes `segpipe predict` and `segpipe infer` send for an encoded image, and its size.
+
+    PNG and JPEG in RGB are sent as they are; other formats and modes (grayscale, RGBA, palette, ...)
+    are converted to RGB by PIL and re-encoded as PNG, so every caller sends the same bytes for the
+    same image. Without `decode` only the header of a PNG/JPEG in RGB is read (the serving graph
+    decodes it); with `decode` the pixels are decoded too, so a truncated file fails here. Raises
+    ValueError saying why the bytes are not a usable image (too large, not a format PIL decodes,
+    unreadable).
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from segpipe.components.core.data_format import ImageTooLargeError, open_image
+
+    try:
+        with open_image(image) as img:
+            height, width = img.height, img.width
+            served = img.format in SERVED_FORMATS and img.mode == "RGB"
+            if served and not decode:
+                return ServingImage(image, height, width, None)
+            rgb = img.convert("RGB")
+            rgb.load()
+    except ImageTooLargeError as exc:
+        raise ValueError(f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image (not a format PIL decodes)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"not a readable image ({exc})") from None
+    data = image
+    if not served:
+        buf = io.BytesIO()
+        rgb.save(buf, format="PNG")
+        data = buf.getvalue()
+    return ServingImage(data, height, width, np.asarray(rgb) if decode else None)
+
+
 def class_mask_at_size(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 [height, width] class ids of one image at its own size, from its S x S x C probabilities.
 

@@ -24,13 +24,14 @@ the rest are written.
 
 Inference runs on the configured Beam runner (`beam.pipeline_args`), with a ModelHandler that loads
 the SavedModel once per worker through core/serving.py, like the Evaluator's; a batch the graph
-rejects is retried image by image, so one bad image fails alone.
+rejects is retried image by image, so one bad image fails alone. The pipeline's BulkInferrer
+(components/bulk_inferrer.py) runs the same pipeline and publishes the same artifact through
+`publish_inference`.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import os
@@ -88,35 +89,6 @@ def mask_file_name(raw_id: bytes) -> str:
     return f"{cleaned}-{hashlib.sha256(raw_id).hexdigest()[:12]}.png"
 
 
-def prepare_image(image: bytes) -> tuple[bytes, int, int]:
-    """(bytes to send, height, width) by `segpipe predict`'s rule; ValueError saying why not an image.
-
-    PNG and JPEG in RGB go to the serving graph as they are (only their header is read here);
-    other formats and modes (grayscale, RGBA, palette, ...) are converted to RGB by PIL and
-    re-encoded as PNG, as predict does, so both tools send the same bytes for the same image.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from segpipe.components.core.data_format import ImageTooLargeError, open_image
-    from segpipe.components.tools.predict import SERVED_FORMATS
-
-    try:
-        with open_image(image) as img:
-            height, width = img.height, img.width
-            if img.format in SERVED_FORMATS and img.mode == "RGB":
-                return image, height, width
-            rgb = img.convert("RGB")
-        buf = io.BytesIO()
-        rgb.save(buf, format="PNG")
-        return buf.getvalue(), height, width
-    except ImageTooLargeError as exc:
-        raise ValueError(f"image too large: {exc}") from None
-    except UnidentifiedImageError:
-        raise ValueError("not a readable image (not a format PIL decodes)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"not a readable image ({exc})") from None
-
-
 def failure(file: str, raw_id: bytes | None, reason: str) -> dict[str, Any]:
     from segpipe.components.core.data_format import display_id
 
@@ -127,10 +99,15 @@ def failure(file: str, raw_id: bytes | None, reason: str) -> dict[str, Any]:
 
 
 def read_record(item: tuple[str, bytes]) -> Iterator[Any]:
-    """(file, record) -> ((id bytes, file, height, width), bytes to send), or a tagged failure."""
+    """(file, record) -> ((id bytes, file, height, width), bytes to send), or a tagged failure.
+
+    The bytes to send follow `segpipe predict`'s rule (core/serving.py `image_for_serving`); only the
+    header of a PNG/JPEG in RGB is read here, the serving graph decodes it.
+    """
     import apache_beam as beam
 
     from segpipe.components.core.data_format import MissingFeatureError, parse_image_raw
+    from segpipe.components.core.serving import image_for_serving
 
     file, record = item
     try:
@@ -142,11 +119,11 @@ def read_record(item: tuple[str, bytes]) -> Iterator[Any]:
         yield beam.pvalue.TaggedOutput(FAILED, failure(file, None, f"record: {exc}"))
         return
     try:
-        data, height, width = prepare_image(image)
+        prepared = image_for_serving(image, decode=False)
     except ValueError as exc:
         yield beam.pvalue.TaggedOutput(FAILED, failure(file, raw_id, str(exc)))
         return
-    yield (raw_id, file, height, width), data
+    yield (raw_id, file, prepared.height, prepared.width), prepared.data
 
 
 def predict_each(model: Any, images: list[bytes]) -> list[Any]:
@@ -349,10 +326,30 @@ def infer_records(
     out = Path(out_dir)
     check_output(out, files, protected)
     model = load_serving(model_path)
+    return publish_inference(model, files, out, beam_args=beam_args, producer="infer", inputs=(str(model.path),))
+
+
+def publish_inference(
+    model: Any,
+    files: Sequence[str],
+    out: Path,
+    *,
+    beam_args: list[str],
+    producer: str,
+    inputs: tuple[str | os.PathLike | None, ...],
+    parameters: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the inference pipeline on `files` with the loaded `model` (core/serving.py ServingModel) and
+    publish the InferenceResult at `out`: what `segpipe infer` and the pipeline's BulkInferrer share.
+
+    `inputs` are the artifacts its fingerprint covers, `parameters` what it records beyond the model,
+    its version, the files and the Beam options. Returns what `infer_records` returns.
+    """
     version = served_version(model.path)
-    parameters = {"model": str(model.path), "model_version": version, "files": list(files), "beam_args": beam_args}
-    with artifacts.publish(out, artifacts.INFERENCE_RESULT, producer="infer", parameters=parameters,
-                           inputs=(str(model.path),)) as (tmp, info):
+    parameters = {"model": str(model.path), "model_version": version, "files": list(files), "beam_args": beam_args,
+                  **(parameters or {})}
+    with artifacts.publish(out, artifacts.INFERENCE_RESULT, producer=producer, parameters=parameters,
+                           inputs=inputs) as (tmp, info):
         (tmp / MASKS_DIR).mkdir()
         scratch = tmp / ".beam"
         scratch.mkdir()
@@ -370,7 +367,8 @@ def infer_records(
         log.warning("%s: id %s: %s", item["file"], item["id"] if item["id"] is not None else "(unreadable)", item["reason"])
     if len(failed) > MAX_LOGGED:
         log.warning("... and %d more skipped record(s), all in %s", len(failed) - MAX_LOGGED, out / FAILURES_FILE)
-    log.info("infer: %d mask(s) of model %s written to %s, %d record(s) skipped", written, model.path, out, len(failed))
+    log.info("%s: %d mask(s) of model %s written to %s, %d record(s) skipped", producer, written, model.path, out,
+             len(failed))
     return {"total": written + len(failed), "written": written, "failed": failed, "path": str(out),
             "model": str(model.path), "model_version": version}
 

@@ -51,6 +51,7 @@ from segpipe.components.core.serving import (
     SERVING_INFO_FILE,
     ServingModel,
     class_mask_at_size,
+    image_for_serving,
     is_complete_version,
     is_version_number,
     load_serving,
@@ -60,9 +61,6 @@ from segpipe.components.core.visual import overlay
 
 log = logging.getLogger(__name__)
 
-# The serving graph's tf.io.decode_image is fed these as-is. Their header size (read by PIL in
-# `read_for_serving`, capped by MAX_IMAGE_PIXELS) is the size TensorFlow decodes.
-SERVED_FORMATS = ("PNG", "JPEG")
 MASK_SUFFIX = "_mask.png"
 OVERLAY_SUFFIX = "_overlay.png"
 OWN_CHUNK = "segpipe-predict-sha256"  # PNG text chunk: the digest of the file's own pixels
@@ -82,25 +80,21 @@ def collect_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 
 def read_for_serving(path: Path) -> tuple[bytes, np.ndarray]:
-    """(bytes to send, RGB array); raises BadInputError naming the file when it is not an image."""
+    """(bytes to send, RGB array) by core/serving.py `image_for_serving`, decoded for the overlay;
+    raises BadInputError naming the file when it is not an image."""
     try:
         data = read_image_file(path)
-        with open_image(data) as img:
-            fmt, mode = img.format, img.mode
-            rgb = img.convert("RGB")
-            rgb.load()
     except FileNotFoundError:
         raise BadInputError(f"{path}: file not found") from None
     except ImageTooLargeError as exc:
         raise BadInputError(f"{path}: image too large: {exc}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         raise BadInputError(f"{path}: not a readable image ({exc})") from None
-    array = np.asarray(rgb)
-    if fmt not in SERVED_FORMATS or mode != "RGB":
-        buf = io.BytesIO()
-        rgb.save(buf, format="PNG")
-        data = buf.getvalue()
-    return data, array
+    try:
+        image = image_for_serving(data, decode=True)
+    except ValueError as exc:
+        raise BadInputError(f"{path}: {exc}") from None
+    return image.data, image.rgb
 
 
 def output_stems(files: list[Path]) -> list[str]:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from segpipe.components import evaluator, example_validator, plan, statistics_gen, trainer
+from segpipe.components import evaluator, example_validator, plan, statistics_gen, trainer, tuner
 from segpipe.components.core import artifacts
 from segpipe.components.core import metrics as seg_metrics
 from segpipe.components.core.data_format import LABELS_FILE, read_labels
@@ -369,6 +369,23 @@ def plan_section(plan_uri: str | os.PathLike | None) -> str:
             + _table(["Field", "Value", "From", "Why"], rows))
 
 
+def tuner_html(hyperparameters_uri: str | os.PathLike | None) -> str:
+    """The Tuner's choice (what the Trainer took over the plan) and its trials; "" when it did not run."""
+    if hyperparameters_uri is None:
+        return ""
+    document = _read_json(Path(hyperparameters_uri) / tuner.HYPERPARAMETERS_FILE)
+    if document is None:
+        return f"<p>No {_esc(tuner.HYPERPARAMETERS_FILE)} in the Hyperparameters artifact.</p>"
+    chosen = [[f"<code>{_esc(name)}</code>", _esc(json.dumps(value))] for name, value in
+              sorted((document.get("values") or {}).items())]
+    trials = [[_esc(t.get("trial")), _esc(json.dumps(t.get("values"), sort_keys=True)), _esc(t.get("status")),
+               _fmt(t.get("objective"))] for t in document.get("trials") or []]
+    return (f"<h3>Tuner</h3><p>{len(trials)} trial(s), stopped by {_esc(document.get('stopped'))}; the Trainer took "
+            "the best trial's values over the plan's (a field you set keeps your value).</p>"
+            + _table(["Field", "Tuned value"], chosen)
+            + _table(["Trial", "Values", "Status", _esc((document.get("objective") or {}).get("name"))], trials))
+
+
 # ------------------------------------------------------------------ data
 
 
@@ -580,13 +597,14 @@ def write_run_report(
         "infra_blessing": infra_blessing_uri, "pushed_model": pushed_model_uri, "plan": plan_uri,
     })
     plan_uri = plan_uri or next((link.uri for link in links if link.type == artifacts.PLAN), None)
+    hyperparameters_uri = next((link.uri for link in links if link.type == artifacts.HYPERPARAMETERS), None)
     builders: dict[str, Callable[[], str]] = {
         GATE: lambda: gate_section(metrics, blessing),
         METRICS: lambda: metrics_section(metrics),
         PER_CLASS: lambda: per_class_section(metrics, data_root),
         PREDICTIONS: lambda: predictions_section(evaluation_uri, metrics),
         TRAINING: lambda: training_section(model_run_uri),
-        PLAN: lambda: plan_section(plan_uri),
+        PLAN: lambda: plan_section(plan_uri) + tuner_html(hyperparameters_uri),
         DATA: lambda: data_section(examples_uri, statistics_uri, anomalies_uri, base_dir),
         INFRA: lambda: infra_section(infra_blessing_uri),
         PUSH: lambda: push_section(pushed_model_uri, base_dir),
