@@ -18,7 +18,6 @@ has no conditions) gets an empty InferenceResult saying why nothing was scored.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -38,16 +37,7 @@ MAX_NAMED = 20  # failed ids in the node's result (failures.json lists them all)
 
 def read_pushed_version(pushed_model_uri: str | os.PathLike) -> dict[str, Any]:
     """The Pusher's record: {"pushed", "version", "path", "reasons", ...}; BadInputError naming the file."""
-    path = Path(pushed_model_uri) / PUSH_RESULT_FILE
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: push record not found") from None
-    except ValueError as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(record.get("pushed"), bool):
-        raise BadInputError(f"{path}: field 'pushed' must be true or false")
-    return record
+    return artifacts.read_decision(Path(pushed_model_uri) / PUSH_RESULT_FILE, "pushed", "push record not found")
 
 
 def newest_span_files(examples_uri: str | os.PathLike) -> tuple[int, list[str]]:

@@ -567,11 +567,4 @@ def make_plan(
 
 def read_overrides(plan_uri: str) -> dict[str, Any]:
     """The `overrides` of a published Plan artifact; BadInputError naming the file otherwise."""
-    path = Path(plan_uri) / PLAN_FILE
-    try:
-        overrides = json.loads(path.read_text())["overrides"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"{path}: not a readable plan ({exc})") from None
-    if not isinstance(overrides, dict):
-        raise BadInputError(f"{path}: overrides: expected a mapping, got {type(overrides).__name__}")
-    return overrides
+    return artifacts.read_json_mapping(Path(plan_uri) / PLAN_FILE, "overrides", "plan")

@@ -117,16 +117,7 @@ def prune_versions(serving_dir: Path, keep_last: int) -> list[int]:
 
 def read_blessing(blessing_uri: str | os.PathLike, file_name: str = artifacts.BLESSING_FILE) -> dict[str, Any]:
     """A ModelBlessing (or, with INFRA_BLESSING_FILE, an InfraBlessing): its JSON with a boolean `blessed`."""
-    path = Path(blessing_uri) / file_name
-    try:
-        blessing = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: blessing not found") from None
-    except ValueError as exc:
-        raise BadInputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(blessing.get("blessed"), bool):
-        raise BadInputError(f"{path}: field 'blessed' must be true or false")
-    return blessing
+    return artifacts.read_decision(Path(blessing_uri) / file_name, "blessed", "blessing not found")
 
 
 def read_evaluation_summary(evaluation_uri: str | os.PathLike | None) -> dict[str, Any]:

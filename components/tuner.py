@@ -294,11 +294,5 @@ def search(
 
 def read_values(hyperparameters_uri: str) -> dict[str, Any]:
     """The `values` of a published Hyperparameters artifact; BadInputError naming the file otherwise."""
-    path = Path(hyperparameters_uri) / HYPERPARAMETERS_FILE
-    try:
-        values = json.loads(path.read_text())["values"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"{path}: not a readable Hyperparameters artifact ({exc})") from None
-    if not isinstance(values, dict):
-        raise BadInputError(f"{path}: values: expected a mapping, got {type(values).__name__}")
-    return values
+    return artifacts.read_json_mapping(Path(hyperparameters_uri) / HYPERPARAMETERS_FILE, "values",
+                                       "Hyperparameters artifact")

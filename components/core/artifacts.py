@@ -22,6 +22,8 @@ from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from segpipe.components.core.errors import BadInputError
+
 log = logging.getLogger(__name__)
 
 # Artifact types (the names ML Metadata and Kubeflow see).
@@ -131,6 +133,34 @@ def fingerprint(*parts: Any) -> str:
 def read_info(artifact_uri: str | os.PathLike) -> ArtifactInfo:
     with open(Path(artifact_uri) / METADATA_FILE) as fh:
         return ArtifactInfo(**json.load(fh))
+
+
+def read_decision(path: str | os.PathLike, flag: str, missing: str) -> dict[str, Any]:
+    """A step's JSON decision (a blessing, a push record) whose boolean `flag` later steps branch on;
+    BadInputError naming the file when it is missing (`<path>: <missing>`), not JSON or lacks the flag."""
+    path = Path(path)
+    try:
+        decision = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: {missing}") from None
+    except ValueError as exc:
+        raise BadInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(decision.get(flag), bool):
+        raise BadInputError(f"{path}: field '{flag}' must be true or false")
+    return decision
+
+
+def read_json_mapping(path: str | os.PathLike, key: str, what: str) -> dict[str, Any]:
+    """The mapping under `key` of a JSON file (a plan's overrides, tuned values); BadInputError naming the
+    file (`<path>: not a readable <what>`) otherwise."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())[key]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInputError(f"{path}: not a readable {what} ({exc})") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
+    return value
 
 
 def input_fingerprint(*artifact_uris: str | os.PathLike | None) -> str:
