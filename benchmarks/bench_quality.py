@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from bench_plan import newest, segpipe
 from generated_datasets import DATASETS, write_dataset
 
 log = logging.getLogger("bench_quality")
@@ -56,18 +56,6 @@ REFERENCE_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------ runs
-
-
-def segpipe(*args: str) -> tuple[float, subprocess.CompletedProcess]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    started = time.perf_counter()
-    done = subprocess.run(["segpipe", *args], capture_output=True, text=True, env=env, check=False)
-    return time.perf_counter() - started, done
-
-
-def newest(root: Path, pattern: str) -> Path | None:
-    found = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 def set_flags(settings: dict[str, Any]) -> list[str]:
