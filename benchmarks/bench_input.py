@@ -10,11 +10,12 @@ shuffle buffer 256, batch 16), with and without the `train.augment_*` defaults (
 0.1); no model. One subprocess per core count, pinned to 1 core or to every core
 (os.sched_setaffinity before TensorFlow starts, which sizes tf.data's and TF's thread pools),
 times every variant over whole epochs after a short warm-up, alternating them `--repeats` times
-and keeping the best of each. "before" is the previous input pipeline
-(kept below: select-by-tf.where augmentation, separate parse and augment maps) over one shard
-per split, which is what Transform wrote on the FnApiRunner before it rolled shards over;
-"after" is the current trainer over the current Transform output. "read" is the GZIP read alone
-(the floor every variant pays).
+and keeping the best of each. "before" is float32 storage: the same examples in the same shards as
+Transform wrote them before it stored uint8 pixels (x / 255 of the unrounded resize), read by
+the previous parse (kept below) with the trainer's augmentation on the floats; "after" is the
+current trainer over the current Transform output (uint8 pixels; flips and turns move bytes, the
+normalisation comes last). "read" is the GZIP read alone (the floor each layout pays); the shard
+bytes of both layouts are reported too.
 
 Needed rate: the seed U-Net (64 filters, depth 4) at that size keeping an H200 at 40% of its bf16
 rate: 790 TFLOP/s x 0.4 / (3 x forward FLOPs per image), the forward FLOPs counted from the
@@ -116,70 +117,71 @@ def transform(root: Path, examples: Path, schema: Path, size: int) -> tuple[Path
     return out, time.perf_counter() - start
 
 
-def single_shard(files: list[str], folder: Path) -> list[str]:
-    """The same records in one GZIP shard, in shard order: the layout of one Beam bundle."""
+def float_copy(files: list[str], examples: Path, folder: Path) -> list[str]:
+    """The records of `files` in the float32 layout, shard for shard: what Transform wrote before it
+    stored uint8 pixels (decode, bilinear antialias resize, / 255, unrounded; same mask and id)."""
     import tensorflow as tf
 
+    from segpipe.components.core.data_format import parse_example
+
+    raw = {}
+    for path in artifacts.split_files(examples, artifacts.TRAIN):
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+            example_id, image, _ = parse_example(record.numpy())
+            raw[example_id] = image
     folder.mkdir(parents=True)
-    path = folder / "data-00000-of-00001.tfrecord.gz"
-    with tf.io.TFRecordWriter(str(path), "GZIP") as writer:
-        for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
-            writer.write(record.numpy())
-    return [str(path)]
+    out = []
+    for path in files:
+        target = str(folder / Path(path).name)
+        with tf.io.TFRecordWriter(target, "GZIP") as writer:
+            for record in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+                feature = tf.train.Example.FromString(record.numpy()).features.feature
+                size = math.isqrt(len(feature["mask"].int64_list.value))
+                image = tf.io.decode_image(raw[feature["id"].bytes_list.value[0].decode()], channels=3, expand_animations=False)
+                image = tf.image.resize(image, [size, size], method="bilinear", antialias=True) / 255.0
+                floats = {"mask": feature["mask"], "id": feature["id"],
+                          "image": tf.train.Feature(float_list=tf.train.FloatList(value=image.numpy().ravel()))}
+                writer.write(tf.train.Example(features=tf.train.Features(feature=floats)).SerializeToString())
+        out.append(target)
+    return out
+
+
+def shard_bytes(files: list[str]) -> int:
+    return sum(os.path.getsize(path) for path in files)
 
 
 # ---------------------------------------------------------------- the previous input pipeline
 
 
-def previous_augment_batch(images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: float) -> tuple[Any, Any]:
-    """The trainer's augmentation before the gather: every candidate computed, chosen by tf.where."""
+def previous_parse_batch(serialized: Any, image_size: int) -> tuple[Any, Any]:
+    """The trainer's parse of float32 records: the flat float image reshaped, the mask cast."""
     import tensorflow as tf
 
-    size = tf.shape(images)[0]
-    masks = tf.cast(masks[..., None], tf.float32)
-
-    def choose(flag: Any, a: Any, b: Any) -> Any:
-        return tf.where(flag[:, None, None, None], a, b)
-
-    if flip:
-        for axis in (2, 1):
-            flag = tf.random.uniform([size]) < 0.5
-            images, masks = choose(flag, tf.reverse(images, [axis]), images), choose(flag, tf.reverse(masks, [axis]), masks)
-    if rot90:
-        turns = tf.random.uniform([size], 0, 4, dtype=tf.int32)
-        rotated_images, rotated_masks = images, masks
-        for k in (1, 2, 3):
-            rotated_images = choose(turns == k, tf.image.rot90(images, k), rotated_images)
-            rotated_masks = choose(turns == k, tf.image.rot90(masks, k), rotated_masks)
-        images, masks = rotated_images, rotated_masks
-    if zoom > 0:
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        out_size = images.shape[1:3].as_list()
-        side = 1.0 - tf.random.uniform([], 0.0, zoom)
-        crop_h = tf.maximum(1, tf.cast(tf.round(side * tf.cast(height, tf.float32)), tf.int32))
-        crop_w = tf.maximum(1, tf.cast(tf.round(side * tf.cast(width, tf.float32)), tf.int32))
-        top = tf.random.uniform([], 0, height - crop_h + 1, dtype=tf.int32)
-        left = tf.random.uniform([], 0, width - crop_w + 1, dtype=tf.int32)
-        images = tf.image.resize(images[:, top : top + crop_h, left : left + crop_w], out_size, method="bilinear")
-        masks = tf.image.resize(masks[:, top : top + crop_h, left : left + crop_w], out_size, method="nearest")
-    return images, tf.cast(tf.round(masks[..., 0]), tf.int32)
+    spec = {"image": tf.io.FixedLenFeature([image_size * image_size * 3], tf.float32),
+            "mask": tf.io.FixedLenFeature([image_size * image_size], tf.int64)}
+    features = tf.io.parse_example(serialized, spec)
+    images = tf.reshape(features["image"], [-1, image_size, image_size, 3])
+    return images, tf.reshape(tf.cast(features["mask"], tf.int32), [-1, image_size, image_size])
 
 
 def previous_make_dataset(files: list[str], *, image_size: int, augment: Mapping[str, Any] | None) -> Any:
-    """The trainer's training input before: the same stages, augmentation as a second map."""
+    """The trainer's training input over float32 records: the same stages, parse then augment the
+    floats in one map."""
     import tensorflow as tf
 
-    from segpipe.components.trainer import parse_batch
+    from segpipe.components.trainer import augment_batch
 
     autotune = tf.data.AUTOTUNE
     dataset = tf.data.Dataset.from_tensor_slices(list(files)).shuffle(len(files), reshuffle_each_iteration=True)
     dataset = dataset.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
                                  cycle_length=min(len(files), 8), num_parallel_calls=autotune, deterministic=False)
     dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True).batch(BATCH_SIZE, num_parallel_calls=autotune)
-    dataset = dataset.map(lambda records: parse_batch(records, image_size), num_parallel_calls=autotune)
-    if augment:
-        dataset = dataset.map(lambda x, y: previous_augment_batch(x, y, **augment), num_parallel_calls=autotune)
-    return dataset.prefetch(autotune)
+
+    def parse(records: Any) -> tuple[Any, Any]:
+        images, masks = previous_parse_batch(records, image_size)
+        return augment_batch(images, masks, **augment) if augment else (images, masks)
+
+    return dataset.map(parse, num_parallel_calls=autotune, deterministic=False).prefetch(autotune)
 
 
 # ---------------------------------------------------------------- one measurement per process
@@ -190,7 +192,7 @@ def build(variant: str, files: list[str], size: int, augment: bool) -> Any:
 
     from segpipe.components import trainer
 
-    if variant == "read":
+    if variant in ("read", "read_float"):
         return tf.data.Dataset.from_tensor_slices(files).interleave(
             lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"), cycle_length=min(len(files), 8),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
@@ -273,19 +275,21 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     for size in SIZES:
         transformed, seconds = transform(root, examples, schema, size)
         files = artifacts.split_files(transformed, artifacts.TRAIN)
-        one_shard = single_shard(files, root / f"one_shard_{size}")
-        after, before = str(Path(files[0]).parent), str(Path(one_shard[0]).parent)
-        jobs.append(("read", after, size, False))
+        floats = float_copy(files, examples, root / f"float32_{size}")
+        after, before = str(Path(files[0]).parent), str(Path(floats[0]).parent)
+        jobs += [("read_float", before, size, False), ("read", after, size, False)]
         jobs += [(variant, folder, size, augment) for augment in (False, True)
                  for variant, folder in (("before", before), ("after", after))]
-        results["sizes"][str(size)] = {"transform_seconds": round(seconds, 1), "shards_after": len(files), "shards_before": 1,
+        results["sizes"][str(size)] = {"transform_seconds": round(seconds, 1), "shards": len(files),
+                                       "train_shard_bytes": {"before": shard_bytes(floats), "after": shard_bytes(files)},
                                        "needed": needed_rate(size), "rates": []}
     for cores in sorted({1, all_cores}):
         rates = dict(zip(jobs, measure(args, cores, jobs)))
         for size in SIZES:
             row = results["sizes"][str(size)]["rates"]
             pick = {(v, a): r for (v, _, s, a), r in rates.items() if s == size}
-            row.append({"cores": cores, "augment": None, "read_images_per_s": round(pick[("read", False)], 1)})
+            row.append({"cores": cores, "augment": None, "read_before_images_per_s": round(pick[("read_float", False)], 1),
+                        "read_images_per_s": round(pick[("read", False)], 1)})
             for augment in (False, True):
                 before, after = pick[("before", augment)], pick[("after", augment)]
                 row.append({"cores": cores, "augment": augment, "before_images_per_s": round(before, 1),
@@ -296,19 +300,22 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = [f"{'size':>5} {'cores':>5} {'augment':>8} {'read/core':>10} {'before/core':>12} {'after/core':>11} "
+    lines = [f"{'size':>5} {'cores':>5} {'augment':>8} {'read/core':>15} {'before/core':>12} {'after/core':>11} "
              f"{'speedup':>8} {'H200 needs':>11} {'cores needed':>13}"]
     for size, row in results["sizes"].items():
         needed = row["needed"]["images_per_s"]
-        read = {r["cores"]: r["read_images_per_s"] for r in row["rates"] if r["augment"] is None}
+        read = {r["cores"]: (r["read_before_images_per_s"], r["read_images_per_s"]) for r in row["rates"] if r["augment"] is None}
         for r in (r for r in row["rates"] if r["augment"] is not None):
             per_core = {k: r[f"{k}_images_per_s"] / r["cores"] for k in ("before", "after")}
-            lines.append(f"{size:>5} {r['cores']:>5} {'yes' if r['augment'] else 'no':>8} {read[r['cores']] / r['cores']:>10.0f} "
+            reads = "/".join(f"{v / r['cores']:.0f}" for v in read[r["cores"]])
+            lines.append(f"{size:>5} {r['cores']:>5} {'yes' if r['augment'] else 'no':>8} {reads:>15} "
                          f"{per_core['before']:>12.0f} {per_core['after']:>11.0f} {r['speedup']:>8.2f} {needed:>11.0f} "
                          f"{math.ceil(needed / per_core['after']):>13}")
+        stored = row["train_shard_bytes"]
         lines.append(f"      {size} px: seed U-Net {row['needed']['forward_gflops_per_image']} GFLOPs forward/image; "
-                     f"{row['shards_after']} train shards after, {row['shards_before']} before")
-    lines.append(f"images/s per core; H200 needs = {H200_BF16_TFLOPS:.0f} TFLOP/s x {GPU_UTILISATION} / (3 x forward FLOPs); "
+                     f"{row['shards']} train shards; {stored['before'] / 2**20:.1f} MiB float32 before, "
+                     f"{stored['after'] / 2**20:.1f} MiB uint8 after (GZIP)")
+    lines.append(f"images/s per core (read: before/after); H200 needs = {H200_BF16_TFLOPS:.0f} TFLOP/s x {GPU_UTILISATION} / (3 x forward FLOPs); "
                  f"goal >= 1000/core at 128 px with augmentation; load average {results['load_average_before']} -> "
                  f"{results['load_average_after']}{' (quick: smoke figures)' if results['quick'] else ''}")
     return "\n".join(lines)

@@ -65,19 +65,18 @@ def make_data(num: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
 
 
 def write_records(folder: Path, images: np.ndarray, masks: np.ndarray, shards: int = 4) -> list[str]:
-    """Transformed-examples shards exactly as Transform writes them."""
+    """Transformed-examples shards exactly as Transform writes them: `images` in [0, 1] stored as
+    uint8 pixels with the x / 255 normalisation."""
     import tensorflow as tf
+
+    from segpipe.components.transform import UNIT_SCALE, serialized_example
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [str(folder / f"data-{i:05d}-of-{shards:05d}.tfrecord.gz") for i in range(shards)]
     writers = [tf.io.TFRecordWriter(p, "GZIP") for p in paths]
     for i, (image, mask) in enumerate(zip(images, masks)):
-        feature = {
-            "image": tf.train.Feature(float_list=tf.train.FloatList(value=image.ravel())),
-            "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=mask.ravel())),
-            "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[str(i).encode()])),
-        }
-        writers[i % shards].write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+        pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+        writers[i % shards].write(serialized_example(str(i), pixels, mask, offset=[0.0] * 3, scale=[UNIT_SCALE] * 3))
     for writer in writers:
         writer.close()
     return paths

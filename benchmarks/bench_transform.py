@@ -8,9 +8,10 @@ runs in TF with `num_parallel_calls=AUTOTUNE`; a Python-built tf.Example alone c
 TFT's wall time includes everything `run_transform` does (pipeline construction, analysis, the
 transform graph export, atomic publishing). Peak memory of Transform at N and 10N runs each size in
 its own subprocess over copies of the same demo images under new ids (generating 10N new images
-would take longer than the benchmark).
+would take longer than the benchmark); the JSON holds the ratio 10N / N next to its goal (<= 1.2).
 
     python benchmarks/bench_transform.py --num 2000 --size 128 --json bench_transform.json
+    python benchmarks/bench_transform.py --num 200 --skip-throughput --memory-num 1000 --size 128
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ log = logging.getLogger("bench_transform")
 SCHEMA_TEXT = "".join(f'feature {{ name: "{key}" type: BYTES }}\n' for key in ("image", "mask", "id"))
 EVAL_EVERY = 10  # every 10th example goes to eval, the rest to train
 SHARD_SIZE = 250
+MEMORY_RATIO_GOAL = 1.2  # Transform's peak RSS at 10N images over that at N: it must not grow with the data
 
 
 def iter_demo_records(num: int, pool: int, seed: int = 0) -> Iterator[bytes]:
@@ -92,7 +94,8 @@ def write_examples_artifact(examples_uri: Path, records: Iterator[bytes]) -> dic
 
 
 def encode_example_tf(image: Any, mask: Any, example_id: Any) -> Any:
-    """tf.train.Example{image float list, mask int64 list, id bytes} serialized inside the TF graph."""
+    """tf.train.Example as Transform writes it (image bytes of serialized uint8 pixels, pixel_offset and
+    pixel_scale float lists, mask int64 list, id bytes), serialized inside the TF graph."""
     import tensorflow as tf
 
     def encode(message: str, fields: dict[str, Any]) -> Any:
@@ -104,8 +107,12 @@ def encode_example_tf(image: Any, mask: Any, example_id: Any) -> Any:
         list_proto = encode(f"{kind.title()}List", {"value": tf.reshape(values, [-1])})
         return encode("Feature", {f"{kind}_list": list_proto[tf.newaxis]})
 
+    from segpipe.components.transform import PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY, UNIT_SCALE
+
     features = {
-        artifacts.IMAGE_KEY: feature("float", image),
+        artifacts.IMAGE_KEY: feature("bytes", tf.io.serialize_tensor(image)),
+        PIXEL_OFFSET_KEY: feature("float", tf.zeros([3], tf.float32)),
+        PIXEL_SCALE_KEY: feature("float", tf.fill([3], tf.constant(UNIT_SCALE, tf.float32))),
         artifacts.MASK_KEY: feature("int64", mask),
         artifacts.ID_KEY: feature("bytes", example_id),
     }
@@ -116,7 +123,7 @@ def encode_example_tf(image: Any, mask: Any, example_id: Any) -> Any:
 
 
 def run_tf_data(examples_uri: Path, out_dir: Path, size: int) -> int:
-    """Plain tf.data: read, parse, decode, resize, / 255, encode tf.Example, write GZIP TFRecords."""
+    """Plain tf.data: read, parse, decode, resize, round to uint8, encode tf.Example, write GZIP TFRecords."""
     import tensorflow as tf
 
     spec = {key: tf.io.FixedLenFeature([], tf.string) for key in (artifacts.IMAGE_KEY, artifacts.MASK_KEY, artifacts.ID_KEY)}
@@ -124,7 +131,8 @@ def run_tf_data(examples_uri: Path, out_dir: Path, size: int) -> int:
     def transform(serialized: Any) -> Any:
         raw = tf.io.parse_single_example(serialized, spec)
         image = tf.io.decode_image(raw[artifacts.IMAGE_KEY], channels=3, expand_animations=False)
-        image = tf.image.resize(image, [size, size], method="bilinear", antialias=True) / 255.0
+        image = tf.saturate_cast(tf.round(tf.image.resize(image, [size, size], method="bilinear", antialias=True)),
+                                 tf.uint8)
         mask = tf.io.decode_image(raw[artifacts.MASK_KEY], channels=1, expand_animations=False)
         mask = tf.cast(tf.image.resize(mask, [size, size], method="nearest"), tf.int64)
         return encode_example_tf(image, mask, raw[artifacts.ID_KEY])
@@ -147,7 +155,8 @@ def run_tf_data(examples_uri: Path, out_dir: Path, size: int) -> int:
 
 
 def check_same_output(tft_uri: Path, tfdata_uri: Path, graph_uri: Path, sample: int = 20) -> float:
-    """Max |image difference| over `sample` train examples found in both outputs; masks must be equal."""
+    """Max |pixel difference| (uint8 levels) over `sample` train examples found in both outputs; masks
+    and pixel scaling must be equal."""
     import numpy as np
     import tensorflow as tf
     import tensorflow_transform as tft
@@ -166,7 +175,11 @@ def check_same_output(tft_uri: Path, tfdata_uri: Path, graph_uri: Path, sample: 
             continue
         if not np.array_equal(mine["mask"].numpy(), other["mask"].numpy()):
             raise AssertionError(f"mask of {other['id'].numpy()!r} differs between TFT and tf.data")
-        diffs.append(float(np.abs(mine["image"].numpy() - other["image"].numpy()).max()))
+        for key in ("pixel_offset", "pixel_scale"):
+            if not np.array_equal(mine[key].numpy(), other[key].numpy()):
+                raise AssertionError(f"{key} of {other['id'].numpy()!r} differs between TFT and tf.data")
+        pixels = [tf.io.parse_tensor(x["image"], tf.uint8).numpy().astype(np.int16) for x in (mine, other)]
+        diffs.append(float(np.abs(pixels[0] - pixels[1]).max()))
     if len(diffs) != len(wanted):
         raise AssertionError(f"only {len(diffs)} of {len(wanted)} sampled ids found in the tf.data output")
     return max(diffs)
@@ -274,10 +287,17 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> int:
         results.update(measure_throughput(args, workdir, examples))
     if args.memory_num:
         memory = [measure_memory(n, args, workdir) for n in (args.memory_num, 10 * args.memory_num)]
+        small, large = memory
         results["memory"] = memory
+        results["memory_ratio_10n_vs_n"] = large["peak_rss_mib"] / small["peak_rss_mib"]
+        results["memory_ratio_goal"] = MEMORY_RATIO_GOAL
+        results["memory_mib_per_extra_image"] = (large["peak_rss_mib"] - small["peak_rss_mib"]) / (large["num"] - small["num"])
         for entry in memory:
             print(f"{'memory N=' + str(entry['num']):>22}: peak RSS {entry['peak_rss_mib']:.0f} MiB ({entry['seconds']:.1f} s)")
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+        print(f"{'memory 10N / N':>22}: {results['memory_ratio_10n_vs_n']:.2f} (goal <= {MEMORY_RATIO_GOAL}); "
+              f"{results['memory_mib_per_extra_image'] * 1024:.1f} KiB per extra image")
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "load_average_1_5_15_min": os.getloadavg()}  # other work on the machine skews the times
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return 0

@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from segpipe.components.core import artifacts, metrics as seg_metrics
+from segpipe.components.core.data_format import class_label, class_names
 from segpipe.components.core.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,6 @@ def verdict(checks: list[dict[str, Any]]) -> tuple[bool, list[str]]:
     """(blessed, the failed checks' reasons)."""
     reasons = [check["reason"] for check in checks if not check["passed"]]
     return not reasons, reasons
-
-
-def class_label(k: int, names: Sequence[str | None]) -> str:
-    """`class 2 'tumour'` with a name from labels.json, else `class 2`."""
-    name = names[k] if k < len(names) else None
-    return f"class {k} '{name}'" if name else f"class {k}"
 
 
 def class_checks(metrics: dict[str, Any], min_class_iou: float) -> list[dict[str, Any]]:
@@ -250,44 +245,6 @@ def read_training(model_run_uri: str | None) -> tuple[list[dict[str, float]], di
         return [], {}
     info = artifacts.read_info(model_run_uri)
     return read_history(Path(model_run_uri) / HISTORY_FILE), dict(info.parameters.get("train_config") or {})
-
-
-# ------------------------------------------------------------------ class names
-
-
-def find_labels(files: Sequence[str]) -> Path | None:
-    """The labels.json of the data the test files come from, or None.
-
-    Raw span files (`<data root>/span-<n>/...`) have it in their folder or the one above; split
-    files of an Examples artifact lead to the raw files its metadata records.
-    """
-    from segpipe.components.core.data_format import LABELS_FILE
-
-    sources = list(files[:1])
-    artifact = Path(files[0]).parent.parent if files else None
-    if artifact is not None and artifacts.is_published(artifact):
-        info = artifacts.read_info(artifact)
-        if info.type == artifacts.EXAMPLES:
-            sources = list(info.extra.get("files") or [])[:1]
-    for source in sources:
-        for folder in (Path(source).parent, Path(source).parent.parent):
-            if (folder / LABELS_FILE).is_file():
-                return folder / LABELS_FILE
-    return None
-
-
-def class_names(files: Sequence[str], num_classes: int) -> list[str | None]:
-    """labels.json's name for each class id 0..K-1 (None where it has none, or there is no file)."""
-    from segpipe.components.core.data_format import read_labels
-
-    path = find_labels(files)
-    labels: dict[int, str] = {}
-    if path is not None:
-        try:
-            labels = read_labels(path.parent)
-        except BadInputError as exc:  # names only make messages friendlier; ids still say it all
-            log.warning("class names: %s", exc)
-    return [labels.get(k) for k in range(num_classes)]
 
 
 # ------------------------------------------------------------------ Beam pieces

@@ -34,7 +34,7 @@ import numpy as np
 
 from segpipe.components import statistics_gen
 from segpipe.components.core import artifacts, encoders
-from segpipe.components.core.data_format import decode_image, parse_example
+from segpipe.components.core.data_format import class_label, class_names, decode_image, parse_example
 from segpipe.components.core.errors import BadInputError
 from segpipe.components.example_gen import iter_records
 
@@ -59,8 +59,9 @@ CLASS_WEIGHTS = "train.class_weights"
 AUGMENT_FLIP = "train.augment_flip"
 AUGMENT_ROT90 = "train.augment_rot90"
 AUGMENT_ZOOM = "train.augment_zoom"
-PLANNED_FIELDS = (IMAGE_SIZE, DEPTH, BASE_FILTERS, BATCH_NORM, BATCH_SIZE, EPOCHS, MIN_STEPS, PATIENCE, LOSS,
-                  CLASS_WEIGHTS, AUGMENT_FLIP, AUGMENT_ROT90, AUGMENT_ZOOM)
+CROP_SIZE = "train.crop_size"
+PLANNED_FIELDS = (IMAGE_SIZE, CROP_SIZE, DEPTH, BASE_FILTERS, BATCH_NORM, BATCH_SIZE, EPOCHS, MIN_STEPS, PATIENCE,
+                  LOSS, CLASS_WEIGHTS, AUGMENT_FLIP, AUGMENT_ROT90, AUGMENT_ZOOM)
 
 # Where a value came from.
 PLANNED = "planned"
@@ -88,6 +89,9 @@ RARE_FRACTION = 0.05  # a foreground class below this share gets class-weighted 
 SQUARE_ASPECT = 1.25  # width / height within [1/1.25, 1.25]: the images are about square
 FEW_EXAMPLES = 500  # fewer training images than this: stronger zoom augmentation
 SAMPLE_RECORDS = 200  # train masks read for class shares and thickness
+MIN_CROP = 64  # smallest planned training patch ...
+MIN_CROP_SHARE = 0.25  # ... and at least this share of the input's side, so a patch keeps context
+CROP_STEP = 0.8  # each smaller patch candidate is this much of the previous one's side
 
 # Cost model: seconds per training image on the 2-core calibration machine =
 # SECONDS_PER_MAC * multiply-accumulates + SECONDS_PER_ACTIVATION * activation values (forward)
@@ -294,10 +298,12 @@ def seconds_per_image(size: int, depth: int, base_filters: int, device: Device) 
 
 
 def training_seconds(size: int, depth: int, base_filters: int, epochs: int, num_train: int, num_eval: int,
-                     device: Device) -> float:
-    """Estimated trainer wall time: every epoch trains on the train split and scores the eval split."""
-    per_image = seconds_per_image(size, depth, base_filters, device)
-    return OVERHEAD_SECONDS + epochs * per_image * (num_train + EVAL_COST * num_eval)
+                     device: Device, crop: int = 0) -> float:
+    """Estimated trainer wall time: every epoch trains on the train split (on crop x crop patches
+    when `crop` > 0) and scores the eval split on whole size x size inputs."""
+    train = seconds_per_image(crop if 0 < crop < size else size, depth, base_filters, device)
+    evaluate = seconds_per_image(size, depth, base_filters, device)
+    return OVERHEAD_SECONDS + epochs * (train * num_train + EVAL_COST * evaluate * num_eval)
 
 
 # ---------------------------------------------------------------- the rules
@@ -344,10 +350,6 @@ def divisible_depth(size: int, limit: int) -> int:
     return depth
 
 
-def _class_name(index: int) -> str:
-    return f"class {index}"
-
-
 def plan_from_fingerprint(
     fingerprint: Fingerprint,
     budget_minutes: float,
@@ -356,11 +358,13 @@ def plan_from_fingerprint(
     *,
     fields: Sequence[str] = PLANNED_FIELDS,
     size_multiple: int = 1,
+    names: Sequence[str | None] = (),
 ) -> Plan:
     """The plan for a dataset: each field of `fields` planned, or the value in `explicit` (which wins).
 
     A planned input size is also divisible by `size_multiple` (a backbone's output stride, see
-    core.encoders.size_multiple). A pure function of its arguments, so every rule can be tested on
+    core.encoders.size_multiple). `names` (labels.json's, by class id) name the classes in the
+    reasons. A pure function of its arguments, so every rule can be tested on
     a made-up fingerprint.
     """
     fp = fingerprint
@@ -389,7 +393,7 @@ def plan_from_fingerprint(
     if thinnest is not None:
         thickness = fp.class_thickness[thinnest]
         needed = native * TARGET_THICKNESS / thickness
-        size_why = (f"{where}; the thinnest class, {_class_name(thinnest)}, is {thickness:.1f} px thick, so it "
+        size_why = (f"{where}; the thinnest class, {class_label(thinnest, names)}, is {thickness:.1f} px thick, so it "
                     f"stays {TARGET_THICKNESS:.0f} px thick at {needed:.0f} px")
     else:
         needed = floor
@@ -424,8 +428,9 @@ def plan_from_fingerprint(
     epochs_why = (f"{wanted_epochs} x {steps_per_epoch} steps = {wanted_epochs * steps_per_epoch} steps "
                   f"(target {TARGET_STEPS} steps, at least {MIN_EPOCHS} epochs, at most {MAX_EPOCHS})")
 
-    # The budget: the wanted recipe if it fits, else fewer steps (down to MIN_PLANNED_STEPS), then
-    # half the filters, then a smaller input, in that order.
+    # The budget: the wanted recipe if it fits; else, keeping the input's resolution, the same steps
+    # on smaller training patches (as nnU-Net does); else fewer steps (down to MIN_PLANNED_STEPS)
+    # at full width, half width, then on patches; only then a smaller input.
     budget = budget_minutes * 60.0
     if IMAGE_SIZE in explicit:
         depth = given(DEPTH) or divisible_depth(int(explicit[IMAGE_SIZE]), depth_for(int(explicit[IMAGE_SIZE])))
@@ -443,28 +448,59 @@ def plan_from_fingerprint(
     widths = [filters] if BASE_FILTERS in explicit or filters // 2 < MIN_FILTERS else [filters, filters // 2]
     least_epochs = wanted_epochs if EPOCHS in explicit else min(
         wanted_epochs, max(1, math.ceil(MIN_PLANNED_STEPS / steps_per_epoch)))
+    full_size, full_depth = sizes[0]
+    if CROP_SIZE in explicit:
+        crops = [int(explicit[CROP_SIZE])]
+    elif CROP_SIZE in fields:
+        crops, current = [0], full_size * CROP_STEP
+        while current >= max(MIN_CROP, MIN_CROP_SHARE * full_size):
+            crop_depth = given(DEPTH) or min(full_depth, depth_for(current))
+            crop = fit_size(current, crop_depth, full_size, size_multiple)
+            if crop < full_size and crop not in crops:
+                crops.append(crop)
+            current *= CROP_STEP
+    else:
+        crops = [0]
 
-    def epochs_within(size: int, depth: int, width: int) -> int:
-        per_epoch = training_seconds(size, depth, width, 1, fp.num_train, fp.num_eval, device) - OVERHEAD_SECONDS
+    def patch_depth(crop: int) -> int:  # a patch's own depth; the whole input must still divide by it
+        return full_depth if not 0 < crop < full_size else given(DEPTH) or min(full_depth, depth_for(crop))
+
+    def epochs_within(size: int, depth: int, width: int, crop: int) -> int:
+        per_epoch = training_seconds(size, depth, width, 1, fp.num_train, fp.num_eval, device, crop) - OVERHEAD_SECONDS
         return int((budget - OVERHEAD_SECONDS) // per_epoch) if budget > OVERHEAD_SECONDS else 0
 
-    options = [(size, depth, width) for size, depth in sizes for width in widths]
-    chosen = next(((s, d, w) for s, d, w in options if epochs_within(s, d, w) >= least_epochs), options[-1])
-    size, depth, width = chosen
-    fitting = epochs_within(size, depth, width)
+    # (input size, depth, width, patch); patch 0 = whole inputs. First the wanted steps at the full
+    # resolution and width, whole inputs then ever smaller patches; then at least the fewest steps.
+    whole_steps = [(full_size, patch_depth(c), filters, c) for c in crops]
+    fewer_steps = [(full_size, patch_depth(c), w, c) for w in widths for c in crops] + [
+        (s, d, w, 0) for s, d in sizes[1:] for w in widths]
+    chosen = next((o for o in whole_steps if epochs_within(*o) >= wanted_epochs), None) or next(
+        (o for o in fewer_steps if epochs_within(*o) >= least_epochs), fewer_steps[-1])
+    size, depth, width, crop = chosen
+    fitting = epochs_within(*chosen)
     epochs = wanted_epochs if EPOCHS in explicit else max(1, min(wanted_epochs, fitting))
-    if chosen != options[0]:
-        if size < options[0][0]:
-            size_why += f"; {size} px to fit the {budget_minutes:g}-minute budget"
-        if width < options[0][2]:
-            filters_why += f"; {width} to fit the {budget_minutes:g}-minute budget"
+    if size < full_size:
+        size_why += f"; {size} px to fit the {budget_minutes:g}-minute budget"
+    if width < filters:
+        filters_why += f"; {width} to fit the {budget_minutes:g}-minute budget"
     if epochs < wanted_epochs:
         epochs_why += f"; cut to {epochs} epochs ({epochs * steps_per_epoch} steps) by the {budget_minutes:g}-minute budget"
+    if CROP_SIZE in explicit:
+        crop_why = SET_BY_YOU
+    elif 0 < crop < size:
+        crop_why = (f"{crop} x {crop} px patches of the {size} px input: whole inputs do not fit the "
+                    f"{budget_minutes:g}-minute budget at {epochs * steps_per_epoch} steps, and patches keep the "
+                    f"resolution (evaluation and serving still see whole inputs)")
+    else:
+        crop, crop_why = 0, "0: whole inputs fit the budget"
 
     if size_multiple > 1:
         size_why += f"; divisible by {size_multiple}, the encoder's output stride"
     decide(IMAGE_SIZE, size, f"{size} px: {size_why}")
-    decide(DEPTH, depth, f"{depth} poolings: the deepest level is {size // 2**depth} px (at least {BOTTLENECK_PX})")
+    decide(CROP_SIZE, crop, crop_why)
+    trained = crop or size
+    decide(DEPTH, depth, f"{depth} poolings: the deepest level is {trained // 2**depth} px (at least {BOTTLENECK_PX})"
+           + (" on a training patch" if crop else ""))
     decide(BASE_FILTERS, width, filters_why)
     decide(BATCH_NORM, batch >= BATCH_NORM_MIN_BATCH,
            f"batch {batch} {'>=' if batch >= BATCH_NORM_MIN_BATCH else '<'} {BATCH_NORM_MIN_BATCH}: "
@@ -478,7 +514,7 @@ def plan_from_fingerprint(
     rarest = min(shares, key=shares.get) if shares else None
     scale = choices[IMAGE_SIZE].value / native
     thin_at_input = thinnest is not None and fp.class_thickness[thinnest] * scale < TARGET_THICKNESS
-    rarest_text = f"{_class_name(rarest)} covers {shares[rarest]:.1%} of the pixels" if rarest is not None else ""
+    rarest_text = f"{class_label(rarest, names)} covers {shares[rarest]:.1%} of the pixels" if rarest is not None else ""
     if rarest is not None and shares[rarest] >= BALANCED_FRACTION and not thin_at_input:
         decide(LOSS, "bce", f"balanced classes ({rarest_text}, the rarest) and thick structures: cross-entropy alone")
     else:
@@ -501,14 +537,15 @@ def plan_from_fingerprint(
            + (f"(< {FEW_EXAMPLES}): stronger zoom" if few else f"(>= {FEW_EXAMPLES}): light zoom"))
 
     size, depth, width = (choices[IMAGE_SIZE].value, choices[DEPTH].value, choices[BASE_FILTERS].value)
-    seconds = training_seconds(size, depth, width, epochs, fp.num_train, fp.num_eval, device)
+    crop = choices[CROP_SIZE].value if CROP_SIZE in choices else 0
+    seconds = training_seconds(size, depth, width, epochs, fp.num_train, fp.num_eval, device, crop)
     estimate = {
         "minutes": round(seconds / 60.0, 2),
         "budget_minutes": budget_minutes,
         "within_budget": seconds <= budget,
         "steps": epochs * steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
-        "seconds_per_image": round(seconds_per_image(size, depth, width, device), 5),
+        "seconds_per_image": round(seconds_per_image(crop if 0 < crop < size else size, depth, width, device), 5),
         "device": str(device),
     }
     return Plan(tuple(choices[f] for f in fields if f in choices), estimate)
@@ -541,7 +578,8 @@ def make_plan(
     where = parse_device(device)
     fixed = base if profile != AUTO else {name: base[name] for name in explicit if name in base}
     plan = plan_from_fingerprint(fingerprint, budget_minutes, where, fixed, fields=list(base),
-                                 size_multiple=encoders.size_multiple(encoder))
+                                 size_multiple=encoders.size_multiple(encoder),
+                                 names=class_names(artifacts.split_files(examples_uri, artifacts.TRAIN), num_classes))
     choices = [c if c.source != SET_BY_YOU or c.field in explicit
                else Choice(c.field, c.value, f"fixed by profile {profile}", FIXED_BY_PROFILE) for c in plan.choices]
     overrides = {c.field: c.value for c in choices if c.source == PLANNED}

@@ -1,8 +1,12 @@
 """Trainer: streams transformed TFRecords into the U-Net, survives preemption, exports for serving.
 
-- Input: `tf.data` over the transformed examples (`image` float32 S*S*3, `mask` int64 S*S, GZIP):
+- Input: `tf.data` over the transformed examples (`image` uint8 S*S*3 pixels with their per-channel
+  normalisation, `mask` int64 S*S, GZIP; components/transform.py):
   parallel interleave over shards, shuffle, batch, vectorised parse, augmentation, prefetch. It
   streams; `cache` (off by default) keeps parsed batches in memory for small datasets.
+  `crop_size` > 0 trains on random patches of that size at the Transform's resolution (a third
+  centred on foreground, as nnU-Net samples), validates and exports on whole images: detail of
+  large images survives at the cost of a small one.
 - Devices: MirroredStrategy over every visible GPU when there are two or more, the default strategy
   otherwise; `distribution: mirrored` forces MirroredStrategy over the local devices;
   `distribution: multi_worker` picks MultiWorkerMirroredStrategy, which reads the cluster from the
@@ -40,7 +44,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from segpipe.components.core import artifacts
 from segpipe.components.core.errors import BadInputError, TrainingError
@@ -58,6 +62,7 @@ BEST_WEIGHTS_FILE = "best.weights.h5"
 # segmentation_metrics, with Keras's `val_` prefix for the eval split).
 MONITOR_MODES = {"val_iou": "max", "val_pixel_accuracy": "max", "val_dice": "max", "val_loss": "min"}
 MAX_CLASS_WEIGHT = 10.0  # larger inverse-sqrt weights would let a handful of pixels dominate the loss
+FOREGROUND_CROPS = 1 / 3  # share of training patches centred on a foreground pixel (train.crop_size > 0)
 BN_WINDOW_STEPS = (4.0, 100.0)  # auto BN momentum: the averaging window 1 / (1 - momentum) in steps, clipped
 
 
@@ -65,22 +70,44 @@ BN_WINDOW_STEPS = (4.0, 100.0)  # auto BN momentum: the averaging window 1 / (1 
 
 
 def feature_spec(image_size: int) -> dict[str, Any]:
-    """The transformed example as Transform writes it (docs/components.md, Transform), flat."""
+    """The transformed example as Transform writes it (docs/components.md, Transform), flat; the
+    `image` bytes are decoded by transform.decode_pixels."""
     import tensorflow as tf
 
+    from segpipe.components.transform import PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY
+
     return {
-        artifacts.IMAGE_KEY: tf.io.FixedLenFeature([image_size * image_size * 3], tf.float32),
+        artifacts.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+        PIXEL_OFFSET_KEY: tf.io.FixedLenFeature([3], tf.float32),
+        PIXEL_SCALE_KEY: tf.io.FixedLenFeature([3], tf.float32),
         artifacts.MASK_KEY: tf.io.FixedLenFeature([image_size * image_size], tf.int64),
     }
 
 
-def parse_batch(serialized: Any, image_size: int) -> tuple[Any, Any]:
-    """A batch of serialized examples -> (images float32 [B, S, S, 3], masks int32 [B, S, S])."""
+def parse_batch(serialized: Any, image_size: int, augment: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
+    """A batch of serialized examples -> (model input float32 [B, S, S, 3], masks int32 [B, S, S]).
+
+    The stored uint8 pixels become the model input by transform.normalize_pixels, the rule the
+    serving transform applies. With `augment` (augment_batch's keyword arguments) flips, turns and
+    patches move the uint8 pixels before the conversion (a quarter of the bytes of float32, exact
+    either way), and the zoom resamples the model input after it (TF's bilinear resize is ~2x
+    slower on uint8 than on float32); the draws and the values are those of augment_batch on the
+    model input.
+    """
     import tensorflow as tf
 
+    from segpipe.components.transform import (PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY, decode_pixels, normalize_pixels,
+                                              record_scaling)
+
     features = tf.io.parse_example(serialized, feature_spec(image_size))
-    images = tf.reshape(features[artifacts.IMAGE_KEY], [-1, image_size, image_size, 3])
+    offset, scale = record_scaling(features[PIXEL_OFFSET_KEY], features[PIXEL_SCALE_KEY])
+    pixels = decode_pixels(features[artifacts.IMAGE_KEY], image_size)
     masks = tf.reshape(tf.cast(features[artifacts.MASK_KEY], tf.int32), [-1, image_size, image_size])
+    if augment:
+        pixels, masks = augment_batch(pixels, masks, **{**augment, "zoom": 0.0})
+    images = normalize_pixels(pixels, offset, scale)
+    if augment and augment["zoom"] > 0:
+        images, masks = augment_batch(images, masks, flip=False, rot90=False, zoom=augment["zoom"])
     return images, masks
 
 
@@ -103,36 +130,74 @@ def dihedral_sources(size: int) -> Any:
     return np.stack(rows)
 
 
-def augment_batch(images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: float) -> tuple[Any, Any]:
-    """Random per-example flips and 90-degree rotations, a per-batch zoom-in crop; identical on image and mask.
+def crop_origins(masks: Any, crop: int) -> tuple[Any, Any]:
+    """[B] top and left corners of one crop x crop patch per example of `masks` [B, S, S].
 
-    `images` [B, S, S, C] float, `masks` [B, S, S] int, S static (as parse_batch returns them). Each
-    example draws a left-right flip, an up-down flip (p = 0.5 each, `flip`) and 0-3 quarter turns
-    (`rot90`); their composition is one permutation of the pixels, so the batch moves with a single
-    gather per tensor (computing every candidate and selecting with tf.where cost ~8x more).
+    A share FOREGROUND_CROPS of the patches is centred on a labelled pixel of a foreground class
+    that the example contains, each present class equally likely (nnU-Net's oversampling: a rare
+    class would otherwise be in few random patches); the rest, and examples without foreground,
+    are placed uniformly.
+    """
+    import tensorflow as tf
+
+    batch, size = tf.shape(masks)[0], int(masks.shape[1])
+    span = size - crop + 1
+    top = tf.random.uniform([batch], 0, span, dtype=tf.int32)
+    left = tf.random.uniform([batch], 0, span, dtype=tf.int32)
+    flat = tf.reshape(masks, [batch, -1])
+    classes = tf.reduce_max(tf.where(flat == artifacts.IGNORE_LABEL, 0, flat)) + 1  # ids 1..K-1 present anywhere
+    present = tf.reduce_any(flat[:, None, :] == tf.range(1, tf.maximum(classes, 2))[None, :, None], axis=-1)
+    has_foreground = tf.reduce_any(present, axis=-1)
+    chosen = tf.random.categorical(tf.math.log(tf.cast(present, tf.float32)), 1, dtype=tf.int32)[:, 0] + 1
+    on_class = tf.where(flat == chosen[:, None], 0.0, -math.inf)
+    pixel = tf.random.categorical(tf.where(has_foreground[:, None], on_class, 0.0), 1, dtype=tf.int32)[:, 0]
+    centred = tf.random.uniform([batch]) < FOREGROUND_CROPS
+    use = centred & has_foreground
+    top = tf.where(use, tf.clip_by_value(pixel // size - crop // 2, 0, span - 1), top)
+    left = tf.where(use, tf.clip_by_value(pixel % size - crop // 2, 0, span - 1), left)
+    return top, left
+
+
+def augment_batch(
+    images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: float, crop: int = 0
+) -> tuple[Any, Any]:
+    """Random per-example patches, flips and 90-degree rotations, a per-batch zoom-in crop; identical
+    on image and mask.
+
+    `images` [B, S, S, C] of any dtype (parse_batch passes the stored uint8 pixels; the zoom returns
+    float32), `masks` [B, S, S] int, S static.
+    `crop` > 0 cuts one crop x crop patch per example at the stored resolution (crop_origins); the
+    outputs are then [B, crop, crop, ...]. Each example draws a left-right flip, an up-down flip
+    (p = 0.5 each, `flip`) and 0-3 quarter turns (`rot90`); patch and moves together are one
+    selection of pixels, so the batch moves with a single gather per tensor (computing every
+    candidate and selecting with tf.where cost ~8x more).
     The zoom resamples the mask nearest-neighbour, so class ids (and 255) survive.
     """
     import tensorflow as tf
 
     batch, size, channels = tf.shape(images)[0], int(images.shape[1]), int(images.shape[-1])
-    if flip or rot90:
+    side = crop if 0 < crop < size else size
+    if flip or rot90 or side < size:
         no_flip = tf.zeros([batch], tf.int32)
         left_right = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
         up_down = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
         turns = tf.random.uniform([batch], 0, 4, dtype=tf.int32) if rot90 else no_flip
-        sources = tf.gather(tf.constant(dihedral_sources(size)), left_right * 8 + up_down * 4 + turns)
+        sources = tf.gather(tf.constant(dihedral_sources(side)), left_right * 8 + up_down * 4 + turns)
+        if side < size:  # patch pixel (r, c) -> stored pixel (top + r, left + c)
+            top, left = crop_origins(masks, side)
+            sources = (top[:, None] + sources // side) * size + left[:, None] + sources % side
         sources = tf.reshape(sources + tf.range(batch)[:, None] * (size * size), [-1])  # into the flat batch
-        images = tf.reshape(tf.gather(tf.reshape(images, [-1, channels]), sources), [batch, size, size, channels])
-        masks = tf.reshape(tf.gather(tf.reshape(masks, [-1]), sources), [batch, size, size])
+        images = tf.reshape(tf.gather(tf.reshape(images, [-1, channels]), sources), [batch, side, side, channels])
+        masks = tf.reshape(tf.gather(tf.reshape(masks, [-1]), sources), [batch, side, side])
     if zoom > 0:
         # One zoom per batch (a random crop resized back). Per-example tf.image.crop_and_resize
         # would make grappler log a cost-model warning every epoch on CPU.
-        side = 1.0 - tf.random.uniform([], 0.0, zoom)
-        crop = tf.maximum(1, tf.cast(tf.round(side * size), tf.int32))
-        top = tf.random.uniform([], 0, size - crop + 1, dtype=tf.int32)
-        left = tf.random.uniform([], 0, size - crop + 1, dtype=tf.int32)
-        images = tf.image.resize(images[:, top : top + crop, left : left + crop], [size, size], method="bilinear")
-        masks = tf.image.resize(masks[:, top : top + crop, left : left + crop, None], [size, size], method="nearest")[..., 0]
+        zoomed = 1.0 - tf.random.uniform([], 0.0, zoom)
+        cut = tf.maximum(1, tf.cast(tf.round(zoomed * side), tf.int32))
+        top = tf.random.uniform([], 0, side - cut + 1, dtype=tf.int32)
+        left = tf.random.uniform([], 0, side - cut + 1, dtype=tf.int32)
+        images = tf.image.resize(images[:, top : top + cut, left : left + cut], [side, side], method="bilinear")
+        masks = tf.image.resize(masks[:, top : top + cut, left : left + cut, None], [side, side], method="nearest")[..., 0]
     return images, masks
 
 
@@ -151,9 +216,9 @@ def make_dataset(
     """Streaming (images, masks) batches from GZIP TFRecord shards.
 
     Training: shards and records shuffled (reshuffled each epoch; `shuffle_buffer` 0 shuffles shards
-    only), then augmented with `augment` ({"flip", "rot90", "zoom"}); parallel stages hand on
-    whatever finishes first (deterministic=False), so one slow shard or batch never stalls the
-    rest. Eval: file order, no augmentation. Parsing is vectorised per batch (one parse_example
+    only), then augmented with `augment` ({"flip", "rot90", "zoom"}, optional "crop": training
+    patches, see augment_batch); parallel stages hand on whatever finishes first
+    (deterministic=False), so one slow shard or batch never stalls the rest. Eval: file order, no augmentation. Parsing is vectorised per batch (one parse_example
     call per batch).
     `num_records` declares the length (ceil(num_records / batch_size) batches; tf.data fails if the
     data disagrees): Keras then ends each epoch after exactly that many steps instead of running one
@@ -178,13 +243,15 @@ def make_dataset(
     if num_records is not None:
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(num_records / batch_size)))
     augmentation = None
-    if training and augment and (augment["flip"] or augment["rot90"] or augment["zoom"] > 0):
-        augmentation = {"flip": bool(augment["flip"]), "rot90": bool(augment["rot90"]), "zoom": float(augment["zoom"])}
+    crop = int(augment.get("crop", 0)) if augment else 0
+    if training and augment and (augment["flip"] or augment["rot90"] or augment["zoom"] > 0 or 0 < crop < image_size):
+        augmentation = {"flip": bool(augment["flip"]), "rot90": bool(augment["rot90"]), "zoom": float(augment["zoom"]),
+                        "crop": crop}
     # Parse and augment in one map (one hop between tf.data threads per batch) unless the parsed
     # batches are cached, which must happen before the random augmentation.
     parallel = {"num_parallel_calls": autotune, "deterministic": not training}
     if augmentation and not cache:
-        dataset = dataset.map(lambda records: augment_batch(*parse_batch(records, image_size), **augmentation), **parallel)
+        dataset = dataset.map(lambda records: parse_batch(records, image_size, augmentation), **parallel)
     else:
         dataset = dataset.map(lambda records: parse_batch(records, image_size), **parallel)
         if cache:
@@ -208,7 +275,13 @@ def first_example(path: str) -> Any | None:
 
 
 def check_split(transformed_examples_uri: str, split: str, image_size: int) -> list[str]:
-    """Shard list of a split whose first record matches `image_size`; BadInputError otherwise."""
+    """Shard list of a split whose first record is a transformed example of `image_size`
+    (transform.serialized_example's layout, which parse_batch reads); BadInputError otherwise."""
+    import numpy as np
+    import tensorflow as tf
+
+    from segpipe.components.transform import PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY
+
     files = artifacts.split_files(transformed_examples_uri, split)
     folder = artifacts.split_dir(transformed_examples_uri, split)
     if not files:
@@ -218,15 +291,32 @@ def check_split(transformed_examples_uri: str, split: str, image_size: int) -> l
         if example is None:
             continue
         features = example.features.feature
+        rerun = f"rerun Transform with transform.image_size={image_size}"
+        stored = features[artifacts.IMAGE_KEY].bytes_list.value if artifacts.IMAGE_KEY in features else []
+        try:
+            pixels = tf.io.parse_tensor(stored[0], tf.uint8).numpy() if len(stored) == 1 else None
+        except tf.errors.InvalidArgumentError:
+            pixels = None
+        if pixels is None:  # e.g. float32 pixels written by a Transform before uint8 storage
+            raise BadInputError(f"{path} record 0: feature '{artifacts.IMAGE_KEY}' is not one serialized uint8 "
+                                f"tensor (tf.io.serialize_tensor); {rerun}")
+        if pixels.shape != (image_size, image_size, 3):
+            raise BadInputError(f"{path} record 0: feature '{artifacts.IMAGE_KEY}' holds pixels of shape "
+                                f"{pixels.shape}, the model input of image_size {image_size} needs "
+                                f"{(image_size, image_size, 3)}; {rerun}")
+        if not np.array_equal(np.frombuffer(stored[0][-pixels.size:], np.uint8), pixels.ravel()):
+            raise BadInputError(f"{path} record 0: feature '{artifacts.IMAGE_KEY}' does not end with its pixels "
+                                f"(transform.decode_pixels reads them there); {rerun}")
         for key, kind, expected in (
-            (artifacts.IMAGE_KEY, "float_list", image_size * image_size * 3),
+            (PIXEL_OFFSET_KEY, "float_list", 3),
+            (PIXEL_SCALE_KEY, "float_list", 3),
             (artifacts.MASK_KEY, "int64_list", image_size * image_size),
         ):
             found = len(getattr(features[key], kind).value) if key in features else None
             if found != expected:
                 raise BadInputError(
                     f"{path} record 0: feature '{key}' has {found} values, the model input of image_size "
-                    f"{image_size} needs {expected} ({kind}); rerun Transform with transform.image_size={image_size}"
+                    f"{image_size} needs {expected} ({kind}); {rerun}"
                 )
         return files
     raise BadInputError(f"{folder}: every shard is empty; the {split} split has no records")
@@ -382,8 +472,12 @@ def select_precision(mode: str) -> str:
 # ---------------------------------------------------------------- model
 
 
-def create_model(image_size: int, num_classes: int, model_config: Mapping[str, Any]) -> Any:
+def create_model(image_size: int | None, num_classes: int, model_config: Mapping[str, Any]) -> Any:
     """The U-Net of `model_config`, whose `bn_momentum` is a number (train_model resolves `auto`).
+
+    `image_size` None builds it for any input size (divisible by its total stride): a model that
+    trains on patches (train.crop_size) and validates on whole images. The exported copy is
+    built at the Transform's size (float32_copy), so serving sees the same model either way.
 
     With a backbone (`encoder` other than unet) `model_config` also holds `input_scale` and
     `input_offset`, the Transform's pixel scaling (train_model reads it from the transform graph).
@@ -478,6 +572,11 @@ def find_keras_model(base_model_uri: str) -> Path:
     return path
 
 
+def same_shape(one: Sequence[int | None], other: Sequence[int | None]) -> bool:
+    """Equal shapes, a None (any size: a model that trains on patches) matching every size."""
+    return len(one) == len(other) and all(a is None or b is None or a == b for a, b in zip(one, other))
+
+
 def warm_start(model: Any, base_model_uri: str | None) -> dict[str, Any]:
     """Copy a base model's weights into `model` when compatible.
 
@@ -496,7 +595,7 @@ def warm_start(model: Any, base_model_uri: str | None) -> dict[str, Any]:
         base = keras.saving.load_model(path, compile=False)
     except Exception as exc:  # a corrupt or foreign file: the message names it
         raise BadInputError(f"{path}: cannot load base model ({exc})") from None
-    if tuple(base.input_shape) != tuple(model.input_shape) or tuple(base.output_shape) != tuple(model.output_shape):
+    if not same_shape(base.input_shape, model.input_shape) or not same_shape(base.output_shape, model.output_shape):
         raise BadInputError(
             f"{path}: base model maps {base.input_shape} -> {base.output_shape}, this training needs "
             f"{model.input_shape} -> {model.output_shape}; disable train.warm_start or pass a matching base model"
@@ -861,13 +960,16 @@ def train_model(
     """
     import keras
 
-    from segpipe.components.core.encoders import UNET, input_size_problem, load_encoder_weights
+    from segpipe.components.core.encoders import UNET, crop_size_problem, input_size_problem, load_encoder_weights
 
     depth, encoder = int(model_config["depth"]), str(model_config.get("encoder", UNET))  # see create_model
     if encoder == UNET and image_size % 2**depth:
         raise BadInputError(f"image_size {image_size} is not divisible by 2**model.depth = {2**depth}")
     if input_size_problem(encoder, image_size):
         raise BadInputError(input_size_problem(encoder, image_size))
+    crop = int(train_config.get("crop_size", 0))
+    if crop_size_problem(crop, image_size, depth=depth, encoder=encoder):
+        raise BadInputError(crop_size_problem(crop, image_size, depth=depth, encoder=encoder))
     # Before any TensorFlow op: MultiWorkerMirrored configures the collectives of the process.
     strategy = select_strategy(str(train_config["distribution"]))
     files = {split: check_split(transformed_examples_uri, split, image_size) for split in (artifacts.TRAIN, artifacts.EVAL)}
@@ -896,7 +998,7 @@ def train_model(
         run_model_config = {**model_config, "bn_momentum": float(momentum),
                             **encoder_input_range(encoder, transform_graph_uri)}
         with strategy.scope():
-            model = create_model(image_size, num_classes, run_model_config)
+            model = create_model(None if 0 < crop < image_size else image_size, num_classes, run_model_config)
             if encoder != UNET and model_config["encoder_weights"]:  # the warm start below replaces them if it applies
                 load_encoder_weights(model, str(model_config["encoder_weights"]))
             warm = warm_start(model, base_model_uri if train_config["warm_start"] else None)
@@ -1006,11 +1108,12 @@ def finish_model(
 
 
 def augment_options(train_config: Mapping[str, Any]) -> dict[str, Any]:
-    """make_dataset's `augment` from the `train.augment_*` fields."""
+    """make_dataset's `augment` from the `train.augment_*` fields and `train.crop_size`."""
     return {
         "flip": bool(train_config["augment_flip"]),
         "rot90": bool(train_config["augment_rot90"]),
         "zoom": float(train_config["augment_zoom"]),
+        "crop": int(train_config.get("crop_size", 0)),
     }
 
 

@@ -1,32 +1,36 @@
 """Transform: TensorFlow Transform on Beam turns raw examples into model-ready tensors.
 
 `preprocessing_fn` decodes the PNG/JPEG image, resizes it to `image_size` (bilinear, antialias) and
-scales it to [0, 1] (x / 255, as the tutorial does); with `standardize=True` it then subtracts the
-per-channel mean and divides by the per-channel standard deviation that a full-pass TFT analyzer
-computed over the *train* split. The mask is decoded, resized nearest-neighbour (class ids and the
-255 ignore label survive untouched) and cast to int64.
+rounds it to uint8 pixels, which are stored as they are. The normalisation is not applied to the
+stored pixels but described beside them: per-channel `pixel_offset` and `pixel_scale` with
+model input = (pixel - offset) * scale (`normalize_pixels`, the one rule the trainer's parse, the
+serving transform and the edge graph all apply). Without standardisation that is x / 255 (offset 0,
+scale 1 / 255); with `standardize=True` offset and scale are 255 * mean and 1 / (255 * std) of the
+pixels / 255 per channel, from full-pass TFT analyzers over the *train* split. The mask is decoded,
+resized nearest-neighbour (class ids and the 255 ignore label survive untouched) and cast to int64.
 
 Outputs (both published atomically, together):
 - Transform graph artifact = the TFT output dir: `tft.TFTransformOutput(transform_graph_uri)` loads
   it (`transform_fn/`, `transformed_metadata/`, and `metadata/` holding the raw feature spec).
 - Transformed examples artifact: `Split-train/` and `Split-eval/` with GZIP `data-*.tfrecord.gz`
-  shards (at most RECORDS_PER_SHARD records each) of tf.train.Example: `image` float32 list
-  (S*S*3, HWC order), `mask` int64 list (S*S), `id` bytes. `tft_output.transformed_feature_spec()`
-  parses them straight into [S, S, 3] / [S, S]. The `test` split is NOT transformed: the Evaluator feeds raw test bytes through the model's
-  serving signature, which runs this same graph.
+  shards (at most RECORDS_PER_SHARD records each) of tf.train.Example: `image` bytes (one
+  `tf.io.serialize_tensor` of the uint8 [S, S, 3] HWC pixels: `tf.io.parse_tensor(value, tf.uint8)`
+  reads one, `decode_pixels` a batch), `pixel_offset` and `pixel_scale` float32 lists (3 each, the
+  same in every record of one run), `mask` int64 list (S*S), `id` bytes. A 128 px image takes 48 KiB
+  before GZIP (float32 took 192 KiB). The `test` split is NOT transformed: the Evaluator feeds raw
+  test bytes through the model's serving signature, which runs this same graph.
 
 Serving contract of the transform graph:
 - Inputs (`RAW_FEATURE_SPEC`): `image`, `mask`, `id`, each a scalar tf.string per example
-  (batched: shape [N]). At serving only `image` is fed (`RAW_SERVING_KEYS`): call
-  `tft_output.transform_features_layer()({"image": image_bytes})` with a [N] tf.string tensor.
-  TFT fills unfed inputs with empty strings and returns only the outputs that do not depend on them
-  (only `image`, float32 [N, S, S, 3]); the mask branch turns an empty
-  string into an all-ignore (255) mask instead of failing to decode it.
-- For export, prefer `load_serving_transform(uri)`: a plain `tf.Module` over the same SavedModel with
-  `transform_image(image_bytes) -> image` (feeds empty `mask`/`id` itself). Track it with
-  `keras.export.ExportArchive.track` and call it in the endpoint. The TFT layer works too, but it is
-  a Keras 2 (`tf_keras`) model and saving it re-traces its call under autograph (15-40 s here);
-  never mix either into a Keras 3 model graph.
+  (batched: shape [N]). At serving only `image` is fed (`RAW_SERVING_KEYS`); the mask branch turns
+  the empty string fed for an absent `mask` into an all-ignore (255) mask instead of failing to
+  decode it.
+- For export, use `load_serving_transform(uri)`: a plain `tf.Module` over the same SavedModel with
+  `transform_image(image_bytes) -> float32 [N, S, S, 3]`, the model input (feeds empty `mask`/`id`
+  itself, decodes the pixels and normalises them as the trainer does). Track it with
+  `keras.export.ExportArchive.track` and call it in the endpoint. TFT's `transform_features_layer()`
+  returns the stored form (serialized pixels, offset, scale), is a Keras 2 (`tf_keras`) model and
+  re-traces its call under autograph when saved (15-40 s here): never mix it into a Keras 3 model graph.
 """
 from __future__ import annotations
 
@@ -51,9 +55,13 @@ DEFAULT_BATCH_SIZE = 64
 MAP_PARALLELISM = 16  # tf.map_fn parallel_iterations: per-image decodes run concurrently
 # Transformed records per output shard: a few hundred images already make several shards, which
 # the trainer reads in parallel (measured in benchmarks/bench_input.py); 128 records of 128 px
-# float32 images are 15-25 MB compressed.
+# uint8 images are 3-6 MB compressed.
 RECORDS_PER_SHARD = 128
-STD_EPSILON = 1e-6  # keeps a constant channel from dividing by zero
+STD_EPSILON = 1e-6  # on the variance of pixels / 255: keeps a constant channel from dividing by zero
+# Per-channel normalisation stored beside the pixels (model input = (pixel - offset) * scale).
+PIXEL_OFFSET_KEY = "pixel_offset"
+PIXEL_SCALE_KEY = "pixel_scale"
+UNIT_SCALE = 1.0 / 255.0  # the scale of x / 255 (offset 0): transform.standardize false
 TELEMETRY = ["segpipe", "transform"]
 
 
@@ -65,20 +73,83 @@ def raw_feature_spec() -> dict[str, Any]:
 
 
 def decode_resize_image(encoded: Any, image_size: int) -> Any:
-    """[N] PNG/JPEG bytes -> float32 [N, S, S, 3] in [0, 1] (bilinear, antialias, then / 255)."""
+    """[N] PNG/JPEG bytes -> uint8 [N, S, S, 3] (bilinear, antialias, rounded to the nearest level)."""
     import tensorflow as tf
 
     def _one(data: Any) -> Any:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
         resized = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-        return resized / 255.0
+        return tf.saturate_cast(tf.round(resized), tf.uint8)
 
     return tf.map_fn(
         _one,
         encoded,
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
         parallel_iterations=MAP_PARALLELISM,
     )
+
+
+def encode_pixels(pixels: Any) -> Any:
+    """uint8 [N, S, S, 3] -> [N] tf.string, one serialized TensorProto per image (the `image` feature)."""
+    import tensorflow as tf
+
+    return tf.map_fn(tf.io.serialize_tensor, pixels, fn_output_signature=tf.TensorSpec([], tf.string))
+
+
+def decode_pixels(serialized: Any, image_size: int) -> Any:
+    """[N] `image` features -> uint8 [N, S, S, 3] in one op for the whole batch.
+
+    A serialized uint8 TensorProto ends with its raw content (`tensor_content`, the proto's last
+    field; dtype and shape come first), so the last S*S*3 bytes of each value are the pixels.
+    tf.io.parse_tensor would read one value per call. The trainer's check_split verifies the first
+    record with parse_tensor before training reads a split this way.
+    """
+    import tensorflow as tf
+
+    size = image_size * image_size * 3
+    return tf.reshape(tf.io.decode_raw(serialized, tf.uint8)[:, -size:], [-1, image_size, image_size, 3])
+
+
+def normalize_pixels(pixels: Any, offset: Any, scale: Any) -> Any:
+    """The model input: float32 (pixel - offset) * scale per channel.
+
+    `pixels` [N, H, W, 3] uint8, or float in pixel units (a zoomed batch); `offset`, `scale` [3]
+    per channel (or scalars), for a batch of records as `record_scaling` gives them. The trainer,
+    the serving transform and the edge graph all call this, so what the model trained on is what
+    it is served. Each image is one row against a tiled H*W*3 row of offsets and scales: TF's
+    broadcast of a 3-vector over [N, H, W, 3] costs ~4x more on CPU (measured at 128 px).
+    """
+    import tensorflow as tf
+
+    pixels = tf.cast(pixels, tf.float32)
+    shape = tf.shape(pixels)
+    row = shape[1] * shape[2]
+
+    def tiled(values: Any) -> Any:
+        return tf.tile(tf.broadcast_to(tf.cast(values, tf.float32), [3]), [row])
+
+    flat = tf.reshape(pixels, [shape[0], -1])
+    return tf.ensure_shape(tf.reshape((flat - tiled(offset)) * tiled(scale), shape), pixels.shape)
+
+
+def record_scaling(offset: Any, scale: Any) -> tuple[Any, Any]:
+    """The per-channel (offset, scale) [3] of a batch of records from their [N, 3] features.
+
+    One Transform run writes the same values into every record, so any row serves the batch; the
+    assertion turns a split that mixes several runs into an error instead of a silently wrong
+    input. reduce_max picks that row and is defined for an empty batch.
+    """
+    import tensorflow as tf
+
+    rows = []
+    for key, values in ((PIXEL_OFFSET_KEY, offset), (PIXEL_SCALE_KEY, scale)):
+        row = tf.reduce_max(values, axis=0)
+        check = tf.debugging.assert_equal(values, tf.broadcast_to(row, tf.shape(values)), message=(
+            f"transformed records of one batch carry different '{key}' values: the split mixes the "
+            "output of several Transform runs"))
+        with tf.control_dependencies([check]):
+            rows.append(tf.identity(row))
+    return rows[0], rows[1]
 
 
 def decode_resize_mask(encoded: Any, image_size: int) -> Any:
@@ -110,27 +181,58 @@ def decode_resize_mask(encoded: Any, image_size: int) -> Any:
     return tf.cast(masks, tf.int64)
 
 
-def standardize_channels(images: Any) -> Any:
-    """(x - mean_c) / std_c with per-channel mean/variance over the whole train split (TFT analyzers)."""
+def pixel_scaling(pixels: Any, standardize: bool) -> tuple[Any, Any]:
+    """Per-channel (offset, scale), each float32 [3], of `normalize_pixels` for uint8 `pixels`.
+
+    x / 255 without `standardize`; with it (x / 255 - mean_c) / sqrt(var_c + STD_EPSILON), mean and
+    variance over every pixel of the whole train split (TFT analyzers), as offset 255 * mean_c and
+    scale 1 / (255 * sqrt(var_c + STD_EPSILON)).
+    """
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    pixels = tf.reshape(images, [-1, 3])  # every pixel is one instance for the analyzers
-    mean = tft.mean(pixels, reduce_instance_dims=False, name="channel_mean")
-    variance = tft.var(pixels, reduce_instance_dims=False, name="channel_var")
-    return (images - mean) / tf.sqrt(variance + STD_EPSILON)
+    if not standardize:
+        return tf.zeros([3], tf.float32), tf.fill([3], tf.constant(UNIT_SCALE, tf.float32))
+    units = tf.reshape(tf.cast(pixels, tf.float32) * UNIT_SCALE, [-1, 3])  # every pixel is one instance
+    mean = tft.mean(units, reduce_instance_dims=False, name="channel_mean")
+    variance = tft.var(units, reduce_instance_dims=False, name="channel_var")
+    return mean * 255.0, UNIT_SCALE / tf.sqrt(variance + STD_EPSILON)
+
+
+def serialized_example(example_id: str, pixels: Any, mask: Any, *, offset: Any, scale: Any) -> bytes:
+    """One transformed tf.train.Example as the Beam pipeline writes it, from numpy values: for tools
+    and tests that make transformed examples without running Transform.
+
+    `pixels` uint8 [S, S, 3], `mask` [S, S] class ids, `offset` and `scale` 3 floats each.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"{example_id}: pixels must be uint8 [S, S, 3], got {pixels.dtype} {pixels.shape}")
+    feature = {
+        artifacts.IMAGE_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[tf.io.serialize_tensor(pixels).numpy()])),
+        PIXEL_OFFSET_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(offset, np.float32).ravel())),
+        PIXEL_SCALE_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=np.asarray(scale, np.float32).ravel())),
+        artifacts.MASK_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=np.asarray(mask, np.int64).ravel())),
+        artifacts.ID_KEY: tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def load_serving_transform(transform_graph_uri: str) -> Any:
-    """The transform graph as a `tf.Module` whose `transform_image([N] bytes)` gives float32 [N, S, S, 3].
+    """The transform graph as a `tf.Module` whose `transform_image([N] bytes)` gives the model input,
+    float32 [N, S, S, 3].
 
-    Empty strings stand in for the raw `mask` and `id` (the mask branch maps them to 255).
+    Empty strings stand in for the raw `mask` and `id` (the mask branch maps them to 255); the
+    stored pixels are decoded and normalised exactly as the trainer's parse_batch does.
     """
     import tensorflow as tf
     import tensorflow_transform as tft
 
     output = tft.TFTransformOutput(transform_graph_uri)
-    size = output.transformed_feature_spec()[artifacts.IMAGE_KEY].shape
+    size = int(output.transformed_feature_spec()[artifacts.MASK_KEY].shape[0])  # the image is bytes: no shape
     module = tf.Module(name="serving_transform")
     module.transform_graph = tf.saved_model.load(output.transform_savedmodel_dir)
 
@@ -139,8 +241,10 @@ def load_serving_transform(transform_graph_uri: str) -> Any:
         absent = tf.fill(tf.shape(image_bytes), "")
         raw = {key: absent for key in RAW_KEYS}
         raw[artifacts.IMAGE_KEY] = image_bytes
-        images = module.transform_graph.transform_fn(raw)[artifacts.IMAGE_KEY]
-        return tf.ensure_shape(images, [None, *size])
+        stored = module.transform_graph.transform_fn(raw)
+        offset, scale = record_scaling(stored[PIXEL_OFFSET_KEY], stored[PIXEL_SCALE_KEY])
+        images = normalize_pixels(decode_pixels(stored[artifacts.IMAGE_KEY], size), offset, scale)
+        return tf.ensure_shape(images, [None, size, size, 3])
 
     module.transform_image = transform_image
     return module
@@ -151,11 +255,13 @@ def make_preprocessing_fn(image_size: int, standardize: bool) -> Callable[[Mappi
     import tensorflow as tf
 
     def preprocessing_fn(inputs: Mapping[str, Any]) -> dict[str, Any]:
-        images = decode_resize_image(inputs[artifacts.IMAGE_KEY], image_size)
-        if standardize:
-            images = standardize_channels(images)
+        pixels = decode_resize_image(inputs[artifacts.IMAGE_KEY], image_size)
+        offset, scale = pixel_scaling(pixels, standardize)
+        per_example = [tf.shape(pixels)[0], 3]  # TFT outputs are batched: the same 3 values in every record
         return {
-            artifacts.IMAGE_KEY: images,
+            artifacts.IMAGE_KEY: encode_pixels(pixels),
+            PIXEL_OFFSET_KEY: tf.broadcast_to(offset, per_example),
+            PIXEL_SCALE_KEY: tf.broadcast_to(scale, per_example),
             artifacts.MASK_KEY: decode_resize_mask(inputs[artifacts.MASK_KEY], image_size),
             artifacts.ID_KEY: tf.identity(inputs[artifacts.ID_KEY]),
         }
@@ -193,12 +299,19 @@ def input_files(examples_uri: str, split: str) -> list[str]:
 
 def build_transform_pipeline(
     pipeline: Any,
-    files: Mapping[str, list[str]],
+    patterns: Mapping[str, str],
     preprocessing_fn: Callable,
     transform_graph_dir: str,
     transformed_examples_dir: str,
 ) -> None:
-    """Analyze on `train`, transform every split in `files`, write the graph and the TFRecords."""
+    """Analyze on `train`, transform every split in `patterns`, write the graph and the TFRecords.
+
+    Each split is read through ONE file pattern (its shards' glob), never a list of files: tfx-bsl
+    reads a list as one Read per file joined by a Flatten, and the FnApiRunner materialises a
+    multi-input Flatten, i.e. holds every raw example of the split in memory (peak RSS grew by
+    0.35 MiB per 128 px image, measured with benchmarks/bench_transform.py). One pattern is one
+    Read that streams.
+    """
     import apache_beam as beam
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, metadata_io
@@ -208,7 +321,7 @@ def build_transform_pipeline(
     raw_metadata = dataset_metadata.DatasetMetadata.from_feature_spec(raw_feature_spec())
 
     def read(split: str, stage: str) -> tuple[Any, Any]:
-        source = tfxio.TFExampleRecord(files[split], schema=raw_metadata.schema, telemetry_descriptors=TELEMETRY)
+        source = tfxio.TFExampleRecord(patterns[split], schema=raw_metadata.schema, telemetry_descriptors=TELEMETRY)
         batches = source.BeamSource(batch_size=DEFAULT_BATCH_SIZE)
         return pipeline | f"{stage}[{split}]" >> batches, source.TensorAdapterConfig()
 
@@ -224,7 +337,7 @@ def build_transform_pipeline(
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_graph_dir)
     metadata_io.write_metadata(raw_metadata, str(Path(transform_graph_dir) / "metadata"))
 
-    for split in files:
+    for split in patterns:
         transformed, _ = (read(split, "Read"), transform_fn) | f"Transform[{split}]" >> tft_beam.TransformDataset(
             output_record_batches=True
         )
@@ -311,11 +424,12 @@ def run_transform(
     ) as (examples_dir, examples_info):
         # Workers read and write these paths: relative ones would resolve in each worker's own directory.
         tft_temp = worker_path(graph_dir / ".tft_tmp")
-        worker_files = {split: [worker_path(f) for f in paths] for split, paths in files.items()}
+        worker_patterns = {split: worker_path(artifacts.split_dir(examples_uri, split) / artifacts.SHARD_PATTERN)
+                           for split in files}  # matches exactly the shards input_files found
         pipeline = beam_pipeline(beam_args)
         with tft_beam.Context(temp_dir=tft_temp, desired_batch_size=DEFAULT_BATCH_SIZE):
             build_transform_pipeline(
-                pipeline, worker_files, make_preprocessing_fn(image_size, standardize), worker_path(graph_dir),
+                pipeline, worker_patterns, make_preprocessing_fn(image_size, standardize), worker_path(graph_dir),
                 worker_path(examples_dir),
             )
             result = pipeline.run()

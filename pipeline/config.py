@@ -27,6 +27,7 @@ from segpipe.components.core.encoders import (
     MOBILENET_ALPHAS,
     UNET,
     WEIGHT_SUFFIXES,
+    crop_size_problem,
     input_size_problem,
 )
 
@@ -129,6 +130,7 @@ class TrainConfig:
     augment_flip: bool
     augment_rot90: bool
     augment_zoom: float = field(metadata=_rng(0.0, 0.9))
+    crop_size: int = field(metadata=_rng(0))  # 0: whole inputs; else training patches (checked below)
     mixed_precision: str = field(metadata=_rng(choices=("auto", "on", "off")))
     jit_compile: bool
     distribution: str = field(metadata=_rng(choices=("auto", "mirrored", "multi_worker")))
@@ -468,6 +470,10 @@ def _check_consistency(cfg: SegpipeConfig) -> None:
         raise ConfigError("data.min_image_size: must be positive")
     if not DEVICE_FORM.fullmatch(cfg.train.device):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not auto, cpu:N or gpu:N")
+    crop = crop_size_problem(cfg.train.crop_size, cfg.transform.image_size, depth=cfg.model.depth,
+                             encoder=cfg.model.encoder)
+    if crop:
+        raise ConfigError(crop)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

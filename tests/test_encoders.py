@@ -61,16 +61,18 @@ def test_input_sizes_the_backbone_cannot_halve_five_times_are_rejected_naming_th
 
 
 def test_the_plan_picks_input_sizes_the_encoder_accepts():
-    from segpipe.components.plan import IMAGE_SIZE, Device, Fingerprint, plan_from_fingerprint
+    from segpipe.components.plan import CROP_SIZE, IMAGE_SIZE, Device, Fingerprint, plan_from_fingerprint
 
     fingerprint = Fingerprint(num_train=48, num_eval=6, median_height=96, median_width=160, size_spread=0.1,
                               median_aspect=1.6, class_fractions=(0.8, 0.2), class_thickness=(10.0, 10.0),
                               foreground_fraction=0.2, sampled=48)
     cpu = Device("cpu", 2)
-    assert plan_from_fingerprint(fingerprint, 0.6, cpu, {}).value(IMAGE_SIZE) == 72  # the U-Net's own choice
-    for budget in (0.6, 10):
-        size = plan_from_fingerprint(fingerprint, budget, cpu, {}, size_multiple=32).value(IMAGE_SIZE)
-        assert size % 32 == 0 and size >= 32
+    assert plan_from_fingerprint(fingerprint, 0.5, cpu, {}).value(IMAGE_SIZE) == 44  # the U-Net's own choice
+    assert plan_from_fingerprint(fingerprint, 1, cpu, {}).value(CROP_SIZE) == 88  # ... and its patches
+    for budget in (0.5, 1, 10):
+        chosen = plan_from_fingerprint(fingerprint, budget, cpu, {}, size_multiple=32)
+        size, crop = chosen.value(IMAGE_SIZE), chosen.value(CROP_SIZE)
+        assert size % 32 == 0 and size >= 32 and crop % 32 == 0
 
 
 @pytest.mark.parametrize("encoder", ["mobilenet_v2", "resnet50"])

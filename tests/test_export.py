@@ -29,8 +29,11 @@ ATOL = 1e-5
 
 
 def read_split(uri: Path, split: str, transformed: bool) -> dict[str, object]:
-    """id -> raw image bytes, or id -> transformed float image [S, S, 3]."""
+    """id -> raw image bytes, or id -> the model input the trainer parses from the transformed
+    record (trainer.parse_batch: stored uint8 pixels, normalised), float32 [S, S, 3]."""
     import tensorflow as tf
+
+    from segpipe.components.trainer import parse_batch
 
     out: dict[str, object] = {}
     for path in artifacts.split_files(uri, split):
@@ -38,7 +41,7 @@ def read_split(uri: Path, split: str, transformed: bool) -> dict[str, object]:
             feature = tf.train.Example.FromString(record.numpy()).features.feature
             key = feature["id"].bytes_list.value[0].decode()
             if transformed:
-                out[key] = np.asarray(feature["image"].float_list.value, np.float32).reshape(SIZE, SIZE, 3)
+                out[key] = parse_batch(record[None], SIZE)[0][0].numpy()
             else:
                 out[key] = feature["image"].bytes_list.value[0]
     return out

@@ -54,12 +54,19 @@ def test_thin_structures_want_full_resolution_and_the_budget_cuts_it():
                        class_fractions=(0.96, 0.04), class_thickness=(None, 3.0))
     on_cpu = plan_from_fingerprint(thin, 10, CPU2, {})
     assert "capped at 512 px" in reason(on_cpu, plan.IMAGE_SIZE) and values(on_cpu)[plan.IMAGE_SIZE] == 512
-    assert values(on_cpu)[plan.BASE_FILTERS] == 8 and "to fit the 10-minute budget" in reason(on_cpu, plan.BASE_FILTERS)
-    assert on_cpu.estimate["within_budget"] and on_cpu.estimate["steps"] >= plan.MIN_PLANNED_STEPS
+    # Whole 512 px inputs do not fit 10 minutes on 2 cores: the same steps on patches, at full width.
+    crop = values(on_cpu)[plan.CROP_SIZE]
+    assert 128 <= crop < 512 and crop % 2 ** values(on_cpu)[plan.DEPTH] == 0
+    assert "patches of the 512 px input" in reason(on_cpu, plan.CROP_SIZE)
+    assert values(on_cpu)[plan.BASE_FILTERS] == 16 and on_cpu.estimate["steps"] >= plan.TARGET_STEPS
+    assert on_cpu.estimate["within_budget"]
     assert values(on_cpu)[plan.LOSS] == "dice_bce" and values(on_cpu)[plan.CLASS_WEIGHTS] == "auto"
 
-    tight = plan_from_fingerprint(thin, 3, CPU2, {})  # resolution is the last thing the budget cuts
-    assert values(tight)[plan.IMAGE_SIZE] < 512 and "to fit the 3-minute budget" in reason(tight, plan.IMAGE_SIZE)
+    shorter = plan_from_fingerprint(thin, 3, CPU2, {})  # fewer steps and patches before a lower resolution
+    assert values(shorter)[plan.IMAGE_SIZE] == 512 and 0 < values(shorter)[plan.CROP_SIZE] < 512
+    assert plan.MIN_PLANNED_STEPS <= shorter.estimate["steps"] < plan.TARGET_STEPS
+    tight = plan_from_fingerprint(thin, 1, CPU2, {})  # resolution is the last thing the budget cuts
+    assert values(tight)[plan.IMAGE_SIZE] < 512 and "to fit the 1-minute budget" in reason(tight, plan.IMAGE_SIZE)
     assert tight.estimate["within_budget"] and tight.estimate["steps"] >= plan.MIN_PLANNED_STEPS
 
     on_gpu = plan_from_fingerprint(thin, 10, Device("gpu", 1), {})
@@ -68,6 +75,23 @@ def test_thin_structures_want_full_resolution_and_the_budget_cuts_it():
 
     generous = plan_from_fingerprint(thin, 600, CPU2, {})
     assert values(generous)[plan.IMAGE_SIZE] == 512 and "budget" not in reason(generous, plan.IMAGE_SIZE)
+    assert values(generous)[plan.CROP_SIZE] == 0 and values(on_gpu)[plan.CROP_SIZE] == 0  # whole inputs fit
+
+
+def test_patches_cost_by_their_own_size_and_evaluation_by_the_whole_input():
+    whole = plan.training_seconds(512, 4, 16, 10, 48, 6, CPU2)
+    patches = plan.training_seconds(512, 4, 16, 10, 48, 6, CPU2, crop=128)
+    only_train = plan.training_seconds(128, 4, 16, 10, 48, 0, CPU2)
+    assert only_train < patches < whole / 4
+    assert plan.training_seconds(512, 4, 16, 10, 48, 6, CPU2, crop=512) == whole  # a patch of the whole input
+
+
+def test_an_explicit_crop_size_is_kept():
+    thin = fingerprint(num_train=48, num_eval=6, median_height=512, median_width=512,
+                       class_fractions=(0.96, 0.04), class_thickness=(None, 3.0))
+    result = plan_from_fingerprint(thin, 10, CPU2, {plan.CROP_SIZE: 256})
+    assert values(result)[plan.CROP_SIZE] == 256 and reason(result, plan.CROP_SIZE) == plan.SET_BY_YOU
+    assert values(result)[plan.IMAGE_SIZE] == 512
 
 
 def test_a_rare_class_gets_dice_and_class_weights_naming_the_class():
@@ -75,6 +99,11 @@ def test_a_rare_class_gets_dice_and_class_weights_naming_the_class():
                                                class_thickness=(None, 30.0, 20.0, 12.0)), 10, CPU2, {})
     assert values(result)[plan.LOSS] == "dice_bce" and values(result)[plan.CLASS_WEIGHTS] == "auto"
     assert "class 3 covers 1.0% of the pixels" in reason(result, plan.CLASS_WEIGHTS)
+    named = plan_from_fingerprint(fingerprint(class_fractions=(0.6, 0.25, 0.14, 0.01),
+                                              class_thickness=(None, 30.0, 20.0, 12.0)), 10, CPU2, {},
+                                  names=("background", "cell", "nucleus", "mitosis"))
+    assert "class 3 'mitosis' covers 1.0% of the pixels" in reason(named, plan.CLASS_WEIGHTS)
+    assert "the thinnest class, class 3 'mitosis'" in reason(named, plan.IMAGE_SIZE)
 
 
 def test_few_non_square_images_get_long_training_no_quarter_turns_and_more_zoom():

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from segpipe.components.core import artifacts
+from segpipe.components.transform import PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY
 
 IN_PROCESS = ["--runner=FnApiRunner"]
 RUNNERS = ("in_process", "portable")
@@ -251,9 +252,11 @@ def test_transform_writes_the_same_examples(tmp_path: Path, monkeypatch: pytest.
         assert portable.keys() == local.keys() and len(local) == results["in_process"]["counts"][split]
         for example_id, features in local.items():
             np.testing.assert_array_equal(portable[example_id][artifacts.MASK_KEY], features[artifacts.MASK_KEY])
+            assert portable[example_id][artifacts.IMAGE_KEY] == features[artifacts.IMAGE_KEY], (split, example_id)
             # mean and variance are float sums whose order depends on the bundles
-            np.testing.assert_allclose(portable[example_id][artifacts.IMAGE_KEY], features[artifacts.IMAGE_KEY],
-                                       rtol=0, atol=1e-5, err_msg=f"{split} {example_id}")
+            for key in (PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY):
+                np.testing.assert_allclose(portable[example_id][key], features[key], rtol=1e-5,
+                                           err_msg=f"{split} {example_id} {key}")
 
 
 def test_evaluator_scores_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, example_gen_runs: dict,

@@ -24,20 +24,17 @@ def train_config(**overrides: object) -> dict:
     return {**dataclasses.asdict(cfg.train), **overrides}
 
 
-def write_transformed(uri: Path, split: str, images: np.ndarray, masks: np.ndarray) -> None:
-    """Transformed examples as Transform writes them: flat float image, flat int64 mask, id."""
+def write_transformed(uri: Path, split: str, pixels: np.ndarray, masks: np.ndarray) -> None:
+    """Transformed examples as Transform writes them (uint8 pixels, x / 255), without Beam."""
     import tensorflow as tf
+
+    from segpipe.components.transform import UNIT_SCALE, serialized_example
 
     folder = artifacts.split_dir(uri, split)
     folder.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(folder / "data-00000-of-00001.tfrecord.gz"), "GZIP") as writer:
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            feature = {
-                "image": tf.train.Feature(float_list=tf.train.FloatList(value=image.ravel())),
-                "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=mask.ravel())),
-                "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"{split}-{i}".encode()])),
-            }
-            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+        for i, (image, mask) in enumerate(zip(pixels, masks)):
+            writer.write(serialized_example(f"{split}-{i}", image, mask, offset=[0.0] * 3, scale=[UNIT_SCALE] * 3))
 
 
 def run_trainer(tiny_transform: dict, out: Path, transformed: Path | None = None, **kwargs: object) -> dict:
@@ -158,11 +155,12 @@ def test_warm_start_copies_matching_weights_and_skips_other_architectures(traine
 
 
 def test_image_size_mismatch_and_empty_eval_are_bad_input(tiny_transform, tmp_path):
-    with pytest.raises(BadInputError, match=r"feature 'image' has 3072 values.*image_size 64 needs 12288"):
+    with pytest.raises(BadInputError, match=r"feature 'image' holds pixels of shape \(32, 32, 3\).*image_size 64 needs "
+                                            r"\(64, 64, 3\); rerun Transform with transform.image_size=64"):
         run_trainer(tiny_transform, tmp_path, image_size=64)
     transformed = tmp_path / "transformed"
-    write_transformed(transformed, "train", np.zeros((2, SIZE, SIZE, 3), np.float32), np.zeros((2, SIZE, SIZE), np.int64))
-    write_transformed(transformed, "eval", np.zeros((0, SIZE, SIZE, 3), np.float32), np.zeros((0, SIZE, SIZE), np.int64))
+    write_transformed(transformed, "train", np.zeros((2, SIZE, SIZE, 3), np.uint8), np.zeros((2, SIZE, SIZE), np.int64))
+    write_transformed(transformed, "eval", np.zeros((0, SIZE, SIZE, 3), np.uint8), np.zeros((0, SIZE, SIZE), np.int64))
     with pytest.raises(BadInputError, match="Split-eval: every shard is empty"):
         run_trainer(tiny_transform, tmp_path, transformed=transformed)
     assert not (tmp_path / "model").exists()
@@ -189,6 +187,50 @@ def test_augmentation_moves_image_and_mask_together():
     assert not np.array_equal(aug_masks.numpy(), masks)  # something moved
     _, zoomed = trainer.augment_batch(tf.constant(images), tf.constant(masks), flip=False, rot90=False, zoom=0.5)
     assert set(np.unique(zoomed.numpy())) <= {0, 1, 255}  # nearest-neighbour keeps class ids
+
+
+def test_parse_batch_augments_the_stored_pixels_as_it_would_the_model_input(tmp_path):
+    """parse_batch moves and zooms uint8 pixels before normalising; normalising first (a standardising
+    offset and scale) and augmenting the floats draws the same moves and gives the same values."""
+    import tensorflow as tf
+
+    from segpipe.components.transform import normalize_pixels, serialized_example
+
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (6, SIZE, SIZE, 3)).astype(np.uint8)
+    masks = rng.integers(0, 2, (6, SIZE, SIZE))
+    offset, scale = np.array([100.0, 120.0, 90.0], np.float32), np.array([0.02, 0.03, 0.025], np.float32)
+    records = tf.constant([serialized_example(str(i), p, m, offset=offset, scale=scale)
+                           for i, (p, m) in enumerate(zip(pixels, masks))])
+    augment = {"flip": True, "rot90": True, "zoom": 0.3}
+    tf.random.set_seed(7)
+    images, out_masks = trainer.parse_batch(records, SIZE, augment)
+    tf.random.set_seed(7)
+    float_images, float_masks = trainer.augment_batch(normalize_pixels(pixels, offset, scale), tf.constant(masks, tf.int32),
+                                                      **augment)
+    assert images.dtype == tf.float32 and images.shape == (6, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(out_masks.numpy(), float_masks.numpy())
+    np.testing.assert_allclose(images.numpy(), float_images.numpy(), atol=1e-4)
+    plain, _ = trainer.parse_batch(records, SIZE)
+    np.testing.assert_allclose(plain.numpy(), (pixels - offset) * scale, rtol=1e-6, atol=1e-6)
+    other_run = serialized_example("x", pixels[0], masks[0], offset=offset + 1.0, scale=scale)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="different 'pixel_offset' values: the split mixes"):
+        trainer.parse_batch(tf.concat([records, [other_run]], 0), SIZE)
+
+
+def test_records_with_float_pixels_are_refused_before_training(tmp_path):
+    """A split written by a Transform that stored float32 pixels is named, with what to do."""
+    import tensorflow as tf
+
+    folder = artifacts.split_dir(tmp_path, "train")
+    folder.mkdir(parents=True)
+    feature = {"image": tf.train.Feature(float_list=tf.train.FloatList(value=[0.5] * (SIZE * SIZE * 3))),
+               "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=[0] * (SIZE * SIZE)))}
+    with tf.io.TFRecordWriter(str(folder / "data-00000-of-00001.tfrecord.gz"), "GZIP") as writer:
+        writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+    with pytest.raises(BadInputError, match=r"data-00000-of-00001.tfrecord.gz record 0: feature 'image' is not one "
+                                            r"serialized uint8 tensor.*rerun Transform"):
+        trainer.check_split(str(tmp_path), "train", SIZE)
 
 
 def dihedral_moves(image: np.ndarray, flip: bool, rot90: bool) -> list[np.ndarray]:
@@ -275,7 +317,7 @@ def test_cli_train_reports_bad_input_with_exit_code_2(tiny_transform, tmp_path, 
         "--set", "transform.image_size=64", "--set", "model.depth=2",
     ])
     assert code == 2
-    assert "image_size 64 needs 12288" in capsys.readouterr().err
+    assert "image_size 64 needs (64, 64, 3)" in capsys.readouterr().err
     assert not (tmp_path / "train" / "model").exists()
 
 
@@ -339,11 +381,11 @@ def test_scan_masks_counts_records_and_pixels_and_rejects_unknown_labels(tmp_pat
     masks = np.zeros((3, SIZE, SIZE), np.int64)
     masks[0, :4] = 1
     masks[1, 0, 0] = 255
-    write_transformed(tmp_path / "ok", "train", np.zeros((3, SIZE, SIZE, 3), np.float32), masks)
+    write_transformed(tmp_path / "ok", "train", np.zeros((3, SIZE, SIZE, 3), np.uint8), masks)
     records, pixels = trainer.scan_masks(artifacts.split_files(tmp_path / "ok", "train"), SIZE, 2)
     assert records == 3 and pixels == [3 * SIZE * SIZE - 4 * SIZE - 1, 4 * SIZE]
     masks[2, 5, 5] = 3
-    write_transformed(tmp_path / "bad", "train", np.zeros((3, SIZE, SIZE, 3), np.float32), masks)
+    write_transformed(tmp_path / "bad", "train", np.zeros((3, SIZE, SIZE, 3), np.uint8), masks)
     with pytest.raises(BadInputError, match=r"data-00000-of-00001.tfrecord.gz: mask label 3 outside 0..1 and 255"):
         trainer.scan_masks(artifacts.split_files(tmp_path / "bad", "train"), SIZE, 2)
 
@@ -352,14 +394,14 @@ def test_scan_masks_counts_records_and_pixels_and_rejects_unknown_labels(tmp_pat
 
 
 def squares(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dark noise with one bright rectangle per image (the foreground), as transformed examples."""
+    """Dark noise with one bright rectangle per image (the foreground), as transformed uint8 pixels."""
     rng = np.random.default_rng(seed)
-    images = rng.uniform(0, 0.4, (num, SIZE, SIZE, 3)).astype(np.float32)
+    images = rng.integers(0, 103, (num, SIZE, SIZE, 3)).astype(np.uint8)
     masks = np.zeros((num, SIZE, SIZE), np.int64)
     for i in range(num):
         h, w = rng.integers(8, 16, 2)
         y, x = rng.integers(0, SIZE - h), rng.integers(0, SIZE - w)
-        images[i, y : y + h, x : x + w] += 0.5
+        images[i, y : y + h, x : x + w] += 128
         masks[i, y : y + h, x : x + w] = 1
     return images, masks
 

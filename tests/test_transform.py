@@ -1,8 +1,10 @@
 """Transform on tiny data: values against PIL, masks exact, train-only statistics, serving, atomicity.
 
 Resize reference: PIL's float ("F" mode) bilinear resize per channel, which is the same antialiased
-triangle filter as `tf.image.resize(..., antialias=True)`; measured agreement is ~2e-7, so outputs
-must match within 1e-5 (PIL's uint8 resize would only agree within 1/255 because it rounds).
+triangle filter as `tf.image.resize(..., antialias=True)`; measured agreement is ~2e-7 of the
+range, so the stored uint8 pixels must equal the rounded reference except where the reference lies
+on a half level within float error (integer pixels interpolated with halves make such ties often);
+there they may be one level off.
 Masks must equal PIL's NEAREST resize exactly. The reference resizes TF-decoded pixels (JPEG decoders
 differ by a few levels); PNG pixels are checked to decode identically in PIL.
 """
@@ -21,7 +23,7 @@ from segpipe.components.core.errors import BadInputError
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 3
-RESIZE_ATOL = 1e-5
+HALF_LEVEL_TIE = 1e-3  # |reference * 255 - (n + 0.5)| below this: a tie that float error may round either way
 BEAM_ARGS = ["--runner=FnApiRunner"]
 SCHEMA_TEXT = "".join(f'feature {{ name: "{key}" type: BYTES }}\n' for key in ("image", "mask", "id"))
 
@@ -93,16 +95,44 @@ def reference_mask(mask_bytes: bytes) -> np.ndarray:
 
 
 def read_transformed(transformed_uri: Path, transform_graph_uri: Path, split: str) -> dict[str, dict[str, np.ndarray]]:
+    """id -> the record's features by TFT's own spec, plus `pixels` (uint8, tf.io.parse_tensor),
+    `model_input` (what the trainer's parse_batch makes of the record) and `record` (its bytes)."""
     import tensorflow as tf
     import tensorflow_transform as tft
+
+    from segpipe.components.trainer import parse_batch
 
     spec = tft.TFTransformOutput(str(transform_graph_uri)).transformed_feature_spec()
     files = artifacts.split_files(transformed_uri, split)
     out = {}
     for record in tf.data.TFRecordDataset(files, compression_type="GZIP"):
         features = tf.io.parse_single_example(record, spec)
-        out[features["id"].numpy().decode()] = {k: v.numpy() for k, v in features.items() if k != "id"}
+        values = {k: v.numpy() for k, v in features.items() if k != "id"}
+        values["pixels"] = tf.io.parse_tensor(features["image"], tf.uint8).numpy()
+        values["model_input"] = parse_batch(record[None], IMAGE_SIZE)[0][0].numpy()
+        values["record"] = record.numpy()
+        out[features["id"].numpy().decode()] = values
     return out
+
+
+def assert_rounded(pixels: np.ndarray, reference: np.ndarray) -> None:
+    """uint8 `pixels` equal round(`reference` [0, 1] * 255), one level off only at half-level ties."""
+    levels = reference.astype(np.float64) * 255.0
+    off = np.abs(pixels.astype(np.float64) - np.round(levels))
+    tie = np.abs(levels - np.floor(levels) - 0.5) < HALF_LEVEL_TIE
+    assert off.max() <= 1 and not (off > 0)[~tie].any(), (off.max(), levels[(off > 0) & ~tie][:5])
+
+
+def float_record_bytes(values: dict) -> int:
+    """Size of the record Transform wrote before uint8 storage: float32 x / 255 pixels, same mask."""
+    import tensorflow as tf
+
+    feature = {
+        "image": tf.train.Feature(float_list=tf.train.FloatList(value=(values["pixels"] / 255.0).ravel())),
+        "mask": tf.train.Feature(int64_list=tf.train.Int64List(value=values["mask"].ravel())),
+        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"id"])),
+    }
+    return len(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
 
 
 @pytest.fixture
@@ -149,9 +179,16 @@ def test_transform_outputs_match_pil_reference(raw_artifacts, monkeypatch):
         transformed = read_transformed(root / "transformed", root / "graph", split)
         assert set(transformed) == set(written[split])
         for example_id, (image_bytes, mask_bytes) in written[split].items():
-            image, mask = transformed[example_id]["image"], transformed[example_id]["mask"]
-            assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.dtype == np.float32
-            np.testing.assert_allclose(image, reference_image(image_bytes), atol=RESIZE_ATOL)
+            values = transformed[example_id]
+            pixels, mask = values["pixels"], values["mask"]
+            assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and pixels.dtype == np.uint8
+            assert_rounded(pixels, reference_image(image_bytes))
+            # x / 255 is stored as offset 0, scale 1 / 255, and that is what the trainer feeds the model
+            np.testing.assert_array_equal(values["pixel_offset"], [0.0] * 3)
+            np.testing.assert_allclose(values["pixel_scale"], [1 / 255] * 3, rtol=1e-7)
+            np.testing.assert_allclose(values["model_input"], pixels / 255.0, atol=1e-7)
+            # a byte per pixel value: well under half the bytes of the float32 record it replaces
+            assert len(values["record"]) < 0.4 * float_record_bytes(values), (len(values["record"]), float_record_bytes(values))
             assert mask.dtype == np.int64
             np.testing.assert_array_equal(mask, reference_mask(mask_bytes))
             assert set(np.unique(mask)) <= set(range(NUM_CLASSES)) | {artifacts.IGNORE_LABEL}
@@ -163,43 +200,45 @@ def test_standardize_uses_train_statistics_and_serves_image_only(raw_artifacts, 
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    from segpipe.components.transform import load_serving_transform
+    from segpipe.components.core.model import build_unet
+    from segpipe.components.core.serving import PROBABILITIES, export_serving_model, load_serving_model, predict_bytes
 
     root, written = raw_artifacts
     run(root, standardize=True)
 
-    train_pixels = np.stack([reference_image(img) for img, _ in written[artifacts.TRAIN].values()]).reshape(-1, 3)
-    mean, std = train_pixels.astype(np.float64).mean(axis=0), train_pixels.astype(np.float64).std(axis=0)
+    # The statistics are those of the stored train pixels / 255, applied unchanged to eval.
+    transformed_train = read_transformed(root / "transformed", root / "graph", artifacts.TRAIN)
+    train_pixels = np.stack([v["pixels"] for v in transformed_train.values()]).reshape(-1, 3) / 255.0
+    mean, std = train_pixels.mean(axis=0), train_pixels.std(axis=0)
     transformed_eval = read_transformed(root / "transformed", root / "graph", artifacts.EVAL)
     for example_id, (image_bytes, _) in written[artifacts.EVAL].items():
-        expected = (reference_image(image_bytes) - mean) / std  # train statistics, applied to eval
-        np.testing.assert_allclose(transformed_eval[example_id]["image"], expected, atol=1e-4)
-    transformed_train = read_transformed(root / "transformed", root / "graph", artifacts.TRAIN)
-    train_out = np.stack([v["image"] for v in transformed_train.values()]).reshape(-1, 3)
-    np.testing.assert_allclose(train_out.mean(axis=0), 0.0, atol=1e-4)
-    np.testing.assert_allclose(train_out.std(axis=0), 1.0, atol=1e-4)
+        values = transformed_eval[example_id]
+        assert_rounded(values["pixels"], reference_image(image_bytes))
+        np.testing.assert_allclose(values["pixel_offset"], 255.0 * mean, rtol=1e-4)  # TFT sums in float32
+        np.testing.assert_allclose(values["pixel_scale"], 1.0 / (255.0 * std), rtol=1e-4)
+        np.testing.assert_allclose(values["model_input"], (values["pixels"] / 255.0 - mean) / std, atol=1e-4)
+    train_in = np.stack([v["model_input"] for v in transformed_train.values()]).reshape(-1, 3)
+    np.testing.assert_allclose(train_in.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(train_in.std(axis=0), 1.0, atol=1e-4)
 
-    # Serving: only raw image bytes are fed; the mask branch must not run into an empty string.
+    # Serving: only raw image bytes are fed; the mask branch must not run into an empty string, and
+    # the graph returns the stored form of the records.
     ids = sorted(written[artifacts.EVAL])
     image_bytes = tf.constant([written[artifacts.EVAL][i][0] for i in ids])
     layer = tft.TFTransformOutput(str(root / "graph")).transform_features_layer()
     served = layer({"image": image_bytes})
-    assert set(served) == {"image"}
-    expected = np.stack([transformed_eval[i]["image"] for i in ids])
-    np.testing.assert_allclose(served["image"].numpy(), expected, atol=1e-5)
+    assert set(served) == {"image", "pixel_offset", "pixel_scale"}
+    assert list(served["image"].numpy()) == [tf.io.parse_single_example(transformed_eval[i]["record"], {
+        "image": tf.io.FixedLenFeature([], tf.string)})["image"].numpy() for i in ids]
 
-    # What the trainer exports: a Keras 3 ExportArchive over the serving module, input `image_bytes`.
-    serving = load_serving_transform(str(root / "graph"))
-    archive = keras.export.ExportArchive()
-    archive.track(serving)
-    archive.add_endpoint(
-        "serve",
-        serving.transform_image,
-        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
-    )
-    archive.write_out(str(tmp_path / "exported"))
-    reloaded = tf.saved_model.load(str(tmp_path / "exported"))
-    np.testing.assert_allclose(reloaded.serve(image_bytes).numpy(), expected, atol=1e-5)
+    # What the trainer exports: serving_default on the image bytes equals the Keras model on what the
+    # trainer's parse_batch gives for the same records.
+    keras.utils.set_random_seed(5)
+    model = build_unet((IMAGE_SIZE, IMAGE_SIZE, 3), NUM_CLASSES, base_filters=4, depth=2)
+    export_serving_model(model, str(root / "graph"), tmp_path / "exported", image_size=IMAGE_SIZE, num_classes=NUM_CLASSES)
+    inputs = np.stack([transformed_eval[i]["model_input"] for i in ids])
+    outputs = predict_bytes(load_serving_model(tmp_path / "exported"), list(image_bytes.numpy()))
+    np.testing.assert_allclose(outputs[PROBABILITIES], np.asarray(model(inputs, training=False)), atol=1e-5)
 
 
 def test_missing_mask_at_serving_becomes_ignore():
@@ -237,3 +276,41 @@ def test_bad_inputs_name_the_file(raw_artifacts):
     with pytest.raises(BadInputError, match="Split-eval"):
         run(root, standardize=False)
     assert not (root / "transformed").exists() and not (root / "graph").exists()
+
+
+def test_examples_stream_through_the_in_process_runner(raw_artifacts, monkeypatch):
+    """No raw or transformed example is ever held between Beam stages, even with many input shards.
+
+    The in-process FnApiRunner keeps a stage's output in memory whole when the next stage is not
+    fused with it (a multi-input Flatten, a GroupByKey): that would make Transform's memory grow with
+    the dataset. Every buffer it fills is recorded here, and none may contain an example.
+    """
+    import tensorflow as tf
+    from apache_beam.runners.portability.fn_api_runner import execution
+
+    root, written = raw_artifacts
+    for split, records in written.items():  # one record per shard: a list of shards must still stream
+        folder = artifacts.split_dir(root / "examples", split)
+        for shard in folder.iterdir():
+            shard.unlink()
+        for index, (example_id, (image_bytes, mask_bytes)) in enumerate(records.items()):
+            with tf.io.TFRecordWriter(str(folder / f"data-{index:05d}.tfrecord.gz"), "GZIP") as writer:
+                writer.write(encode_example(example_id, image_bytes, mask_bytes))
+    held: list[bytes] = []
+    for buffer in (execution.ListBuffer, execution.GroupingBuffer):
+        def recording(self, data, _append=buffer.append):
+            held.append(bytes(data))
+            return _append(self, data)
+
+        monkeypatch.setattr(buffer, "append", recording)
+
+    result = run(root, standardize=True)  # standardize: the analysis pass reads train as well
+
+    assert result["counts"] == {"train": 12, "eval": 6}
+    assert held, "the runner filled no buffer: this test no longer observes it"
+    blob = b"".join(held)
+    raw = [image_bytes for records in written.values() for image_bytes, _ in records.values()]
+    transformed = [r for split in written for r in read_records(artifacts.split_dir(root / "transformed", split))]
+    assert len(transformed) == 18
+    assert not [r for r in raw if r in blob], "raw examples were held in memory between Beam stages"
+    assert not [r for r in transformed if r in blob], "transformed examples were held in memory between Beam stages"

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 from segpipe.components.core.artifacts import ID_KEY, IMAGE_KEY, MASK_KEY, atomic_dir, atomic_write
 from segpipe.components.core.errors import BadInputError
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.json"
 # Image files segpipe reads from folders (predict, importers); PIL decodes all of them.
@@ -280,3 +283,42 @@ def read_labels(data_root: str | os.PathLike) -> dict[int, str]:
         raise BadInputError(f"{path}: labels file not found") from None
     except (ValueError, AttributeError) as exc:
         raise BadInputError(f"{path}: expected a JSON object of class id -> name ({exc})") from None
+
+
+def find_labels(files: Sequence[str]) -> Path | None:
+    """The labels.json of the data `files` (raw span files or an Examples split's) come from, or None.
+
+    Raw span files (`<data root>/span-<n>/...`) have it in their folder or the one above; split
+    files of an Examples artifact lead to the raw files its metadata records.
+    """
+    from segpipe.components.core import artifacts
+
+    sources = list(files[:1])
+    artifact = Path(files[0]).parent.parent if files else None
+    if artifact is not None and artifacts.is_published(artifact):
+        info = artifacts.read_info(artifact)
+        if info.type == artifacts.EXAMPLES:
+            sources = list(info.extra.get("files") or [])[:1]
+    for source in sources:
+        for folder in (Path(source).parent, Path(source).parent.parent):
+            if (folder / LABELS_FILE).is_file():
+                return folder / LABELS_FILE
+    return None
+
+
+def class_names(files: Sequence[str], num_classes: int) -> list[str | None]:
+    """labels.json's name for each class id 0..K-1 (None where it has none, or there is no file)."""
+    path = find_labels(files)
+    labels: dict[int, str] = {}
+    if path is not None:
+        try:
+            labels = read_labels(path.parent)
+        except BadInputError as exc:  # names only make messages friendlier; ids still say it all
+            log.warning("class names: %s", exc)
+    return [labels.get(k) for k in range(num_classes)]
+
+
+def class_label(k: int, names: Sequence[str | None]) -> str:
+    """`class 2 'tumour'` with a name from labels.json, else `class 2`."""
+    name = names[k] if k < len(names) else None
+    return f"class {k} '{name}'" if name else f"class {k}"

@@ -1,9 +1,10 @@
 """Edge export: the trained Keras model as TensorFlow Lite files, and scoring them with the interpreter.
 
 TFLite contract (docs/serving.md "Edge (TFLite)"), the same for every variant:
-- input `image` float32 [1, S, S, 3], RGB values 0..255: the image decoded (3 channels) and resized
-  to S x S by the client (bilinear, antialias: `tf.image.resize(..., antialias=True)`), because PNG
-  and JPEG decoding are not TFLite builtin ops. The Transform normalisation (x / 255) is inside the
+- input `image` float32 [1, S, S, 3], RGB values 0..255: the image decoded (3 channels), resized
+  to S x S by the client (bilinear, antialias: `tf.image.resize(..., antialias=True)`) and rounded
+  to whole levels (as Transform stores pixels), because PNG and JPEG decoding are not TFLite
+  builtin ops. The Transform normalisation (x / 255, `transform.normalize_pixels`) is inside the
   graph.
 - output `probabilities` float32 [1, S, S, C] (C = 1: sigmoid foreground probability; C = K:
   softmax); the class rule is the serving one (p > 0.5, or argmax).
@@ -54,12 +55,12 @@ def check_variants(variants: Sequence[str], field: str = "push.tflite") -> list[
 
 
 def decoded_images(encoded: Iterable[bytes], image_size: int) -> np.ndarray:
-    """float32 [N, S, S, 3] in 0..255: what a TFLite client feeds (Transform's own decode and resize)."""
+    """float32 [N, S, S, 3] in 0..255: what a TFLite client feeds (Transform's own decode, resize, rounding)."""
     from segpipe.components.transform import decode_resize_image
     import tensorflow as tf
 
-    resized = decode_resize_image(tf.constant(list(encoded), tf.string), image_size)  # in [0, 1]
-    return (resized.numpy() * 255.0).astype(np.float32)
+    pixels = decode_resize_image(tf.constant(list(encoded), tf.string), image_size)  # uint8
+    return pixels.numpy().astype(np.float32)
 
 
 def load_keras_model(saved_model_dir: str | Path) -> Any:
@@ -78,12 +79,14 @@ def edge_function(keras_model: Any) -> Any:
     """tf.function [1, S, S, 3] 0..255 -> probabilities: the graph every variant is converted from."""
     import tensorflow as tf
 
+    from segpipe.components.transform import UNIT_SCALE, normalize_pixels
+
     size = int(keras_model.input_shape[1])
 
     @tf.function(input_signature=[tf.TensorSpec([1, size, size, 3], tf.float32, name="image")])
     def predict(image: Any) -> dict[str, Any]:
-        # The transform graph's standardize=false path: decode, resize, then x / 255.
-        return {"probabilities": tf.cast(keras_model(image / 255.0, training=False), tf.float32)}
+        # The transform graph's standardize=false normalisation of the decoded, resized pixels: x / 255.
+        return {"probabilities": tf.cast(keras_model(normalize_pixels(image, 0.0, UNIT_SCALE), training=False), tf.float32)}
 
     return predict
 

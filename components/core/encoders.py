@@ -74,6 +74,19 @@ def input_size_problem(encoder: str, image_size: int) -> str | None:
     return None
 
 
+def crop_size_problem(crop: int, image_size: int, *, depth: int, encoder: str) -> str | None:
+    """Why `train.crop_size` cannot train this model on this input, naming the fields, or None."""
+    if crop == 0 or crop == image_size:
+        return None
+    if crop > image_size:
+        return f"train.crop_size {crop} is larger than transform.image_size {image_size}; use 0 for whole images"
+    multiple = 2**depth if encoder == UNET else size_multiple(encoder)
+    if crop % multiple:
+        return (f"train.crop_size {crop} is not divisible by {multiple} "
+                + ("(2**model.depth)" if encoder == UNET else f"(model.encoder {encoder}'s output stride)"))
+    return None
+
+
 def input_conversion(encoder: str, scale: Sequence[float], offset: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """(kernel [1, 1, C, 3], bias [3]) of the 1x1 convolution from the model input to the backbone's input.
 
@@ -127,7 +140,7 @@ def build_encoder_unet(
     if encoder not in ENCODERS:
         raise ValueError(f"model.encoder: {encoder!r} is not one of {', '.join(ENCODERS)}")
     height, width, channels = input_shape
-    for size in {height, width}:
+    for size in {height, width} - {None}:  # None: any size (checked by the data's own shape)
         problem = input_size_problem(encoder, size)
         if problem:
             raise ValueError(problem)

@@ -77,12 +77,12 @@ def build_unet(
 ) -> keras.Model:
     """The tutorial's U-Net, generalised: `depth` pooling levels, filters doubling from `base_filters`.
 
-    Height and width must be divisible by 2**depth. Layer names are deterministic
+    Height and width must be divisible by 2**depth; None accepts any such size. Layer names are deterministic
     (`enc1_conv1` ... `bottleneck_conv2`, `dec1_up` ..., `head`) so weights can be matched by name.
     """
     height, width = input_shape[0], input_shape[1]
     factor = 2**depth
-    if height % factor or width % factor:
+    if any(side is not None and side % factor for side in (height, width)):
         raise ValueError(f"input_shape {input_shape}: height and width must be divisible by 2**depth = {factor}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")

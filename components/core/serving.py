@@ -5,7 +5,8 @@ Signatures (README "Serving contract"):
   base64-decodes inputs whose name ends in `_bytes`) -> the transform graph (decode, resize,
   normalise; only the raw `image` feature is fed, see components/transform.py RAW_SERVING_KEYS)
   -> the model.
-- `serve_tensor`: `image` float32 [N, S, S, 3], already normalised like the transformed examples.
+- `serve_tensor`: `image` float32 [N, S, S, 3], already normalised: the model input the trainer
+  parses from the transformed examples (`transform.normalize_pixels` of the stored uint8 pixels).
 Both return `probabilities` float32 [N, S, S, C] (C = 1: sigmoid foreground probability; C = K:
 softmax) and `class_mask` int32 [N, S, S] (p > 0.5, or argmax).
 
