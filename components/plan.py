@@ -419,12 +419,13 @@ def plan_from_fingerprint(
     steps_per_epoch = math.ceil(fp.num_train / (batch * replicas))
 
     # Length: TARGET_STEPS optimizer steps and at least MIN_EPOCHS passes over the data.
+    # A train.min_steps you set is a floor the Trainer enforces whatever the plan says (it raises the
+    # epochs), so the budget must be met with at least that many steps.
+    floor_epochs = math.ceil(int(given(MIN_STEPS)) / steps_per_epoch) if given(MIN_STEPS) else 0
     if EPOCHS in explicit:
         wanted_epochs = int(explicit[EPOCHS])
     else:
-        wanted_epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch)))
-        if given(MIN_STEPS):
-            wanted_epochs = min(MAX_EPOCHS, max(wanted_epochs, math.ceil(given(MIN_STEPS) / steps_per_epoch)))
+        wanted_epochs = max(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))), floor_epochs)
     epochs_why = (f"{wanted_epochs} x {steps_per_epoch} steps = {wanted_epochs * steps_per_epoch} steps "
                   f"(target {TARGET_STEPS} steps, at least {MIN_EPOCHS} epochs, at most {MAX_EPOCHS})")
 
@@ -446,8 +447,8 @@ def plan_from_fingerprint(
                 break
             current = max(MIN_BUDGET_SIZE, current * 0.8)
     widths = [filters] if BASE_FILTERS in explicit or filters // 2 < MIN_FILTERS else [filters, filters // 2]
-    least_epochs = wanted_epochs if EPOCHS in explicit else min(
-        wanted_epochs, max(1, math.ceil(MIN_PLANNED_STEPS / steps_per_epoch)))
+    least_epochs = wanted_epochs if EPOCHS in explicit else max(floor_epochs, min(
+        wanted_epochs, max(1, math.ceil(MIN_PLANNED_STEPS / steps_per_epoch))))
     full_size, full_depth = sizes[0]
     if CROP_SIZE in explicit:
         crops = [int(explicit[CROP_SIZE])]
@@ -478,7 +479,7 @@ def plan_from_fingerprint(
         (o for o in fewer_steps if epochs_within(*o) >= least_epochs), fewer_steps[-1])
     size, depth, width, crop = chosen
     fitting = epochs_within(*chosen)
-    epochs = wanted_epochs if EPOCHS in explicit else max(1, min(wanted_epochs, fitting))
+    epochs = wanted_epochs if EPOCHS in explicit else max(1, floor_epochs, min(wanted_epochs, fitting))
     if size < full_size:
         size_why += f"; {size} px to fit the {budget_minutes:g}-minute budget"
     if width < filters:

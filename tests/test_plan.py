@@ -309,3 +309,14 @@ def test_kubeflow_run_config_keeps_what_the_user_set(tmp_path):
     assert run.transform.image_size == cfg.transform.image_size  # not set: the config's value, for the plan
     asked = config_from_json(resolve_run_config("{}", "auto", {**params, "image_size": 96}))
     assert asked.transform.image_size == 96 and "transform.image_size" in asked.explicit
+
+
+def test_an_explicit_min_steps_is_a_floor_the_budget_is_met_with():
+    """The Trainer raises the epochs to train.min_steps whatever the plan says: the plan must fit
+    those steps into the budget (smaller patches) instead of planning fewer and overrunning it."""
+    thin = fingerprint(num_train=48, num_eval=6, median_height=512, median_width=512,
+                       class_fractions=(0.96, 0.04), class_thickness=(None, 3.0))
+    result = plan_from_fingerprint(thin, 10, CPU2, {plan.MIN_STEPS: 2000})
+    assert result.estimate["steps"] >= 2000 and result.estimate["within_budget"]
+    assert values(result)[plan.EPOCHS] * result.estimate["steps_per_epoch"] >= 2000
+    assert 0 < values(result)[plan.CROP_SIZE] < 512
