@@ -90,7 +90,8 @@ SQUARE_ASPECT = 1.25  # width / height within [1/1.25, 1.25]: the images are abo
 FEW_EXAMPLES = 500  # fewer training images than this: stronger zoom augmentation
 SAMPLE_RECORDS = 200  # train masks read for class shares and thickness
 MIN_CROP = 64  # smallest planned training patch ...
-MIN_CROP_SHARE = 0.25  # ... and at least this share of the input's side, so a patch keeps context
+MIN_CROP_SHARE = 0.125  # ... and at least this share of the input's side (an eighth: on 512 px vessels, 2.5 min,
+# 112 px patches at 16 filters scored 0.90 mean IoU where 224 px at 8 filters scored 0.84)
 CROP_STEP = 0.8  # each smaller patch candidate is this much of the previous one's side
 
 # Cost model: seconds per training image on the 2-core calibration machine =

@@ -65,8 +65,8 @@ def test_thin_structures_want_full_resolution_and_the_budget_cuts_it():
     shorter = plan_from_fingerprint(thin, 3, CPU2, {})  # fewer steps and patches before a lower resolution
     assert values(shorter)[plan.IMAGE_SIZE] == 512 and 0 < values(shorter)[plan.CROP_SIZE] < 512
     assert plan.MIN_PLANNED_STEPS <= shorter.estimate["steps"] < plan.TARGET_STEPS
-    tight = plan_from_fingerprint(thin, 1, CPU2, {})  # resolution is the last thing the budget cuts
-    assert values(tight)[plan.IMAGE_SIZE] < 512 and "to fit the 1-minute budget" in reason(tight, plan.IMAGE_SIZE)
+    tight = plan_from_fingerprint(thin, 0.7, CPU2, {})  # resolution is the last thing the budget cuts
+    assert values(tight)[plan.IMAGE_SIZE] < 512 and "to fit the 0.7-minute budget" in reason(tight, plan.IMAGE_SIZE)
     assert tight.estimate["within_budget"] and tight.estimate["steps"] >= plan.MIN_PLANNED_STEPS
 
     on_gpu = plan_from_fingerprint(thin, 10, Device("gpu", 1), {})
