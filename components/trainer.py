@@ -472,6 +472,12 @@ def select_precision(mode: str) -> str:
 # ---------------------------------------------------------------- model
 
 
+def model_input_size(image_size: int, crop: int) -> int | None:
+    """create_model's size for training: None (any size) when it trains on crop x crop patches of
+    image_size inputs and validates on whole ones, else image_size."""
+    return None if 0 < crop < image_size else image_size
+
+
 def create_model(image_size: int | None, num_classes: int, model_config: Mapping[str, Any]) -> Any:
     """The U-Net of `model_config`, whose `bn_momentum` is a number (train_model resolves `auto`).
 
@@ -998,7 +1004,7 @@ def train_model(
         run_model_config = {**model_config, "bn_momentum": float(momentum),
                             **encoder_input_range(encoder, transform_graph_uri)}
         with strategy.scope():
-            model = create_model(None if 0 < crop < image_size else image_size, num_classes, run_model_config)
+            model = create_model(model_input_size(image_size, crop), num_classes, run_model_config)
             if encoder != UNET and model_config["encoder_weights"]:  # the warm start below replaces them if it applies
                 load_encoder_weights(model, str(model_config["encoder_weights"]))
             warm = warm_start(model, base_model_uri if train_config["warm_start"] else None)

@@ -98,9 +98,8 @@ def make_hypermodel(
                 raise kt.errors.FatalError("the tuner's budget is spent")
             model_updates, train_updates = split_values(trial_values(hp))
             keras.mixed_precision.set_global_policy(precision)  # KerasTuner's clear_session before a build resets it
-            crop = int(train_config.get("crop_size", 0))  # patches: a model for any input size, as the Trainer's
-            model = trainer.create_model(None if 0 < crop < image_size else image_size, num_classes,
-                                         {**model_config, **model_updates})
+            model = trainer.create_model(trainer.model_input_size(image_size, int(train_config.get("crop_size", 0))),
+                                         num_classes, {**model_config, **model_updates})
             if model_config["encoder_weights"]:  # a pretrained backbone starts every trial, as in the Trainer
                 load_encoder_weights(model, str(model_config["encoder_weights"]))
             trainer.compile_model(model, num_classes, {**train_config, **train_updates}, total_steps=plan["steps"],
