@@ -50,5 +50,5 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={"test": ["pytest>=8"]},
-    entry_points={"console_scripts": ["segpipe=segpipe.pipeline.cli:main"]},
+    entry_points={"console_scripts": ["segpipe=segpipe.pipeline.cli:entry"]},
 )

@@ -13,15 +13,18 @@ times every variant over whole epochs after a short warm-up, alternating them `-
 and keeping the best of each. "before" is float32 storage: the same examples in the same shards as
 Transform wrote them before it stored uint8 pixels (x / 255 of the unrounded resize), read by
 the previous parse (kept below) with the trainer's augmentation on the floats; "after" is the
-current trainer over the current Transform output (uint8 pixels; flips and turns move bytes, the
-normalisation comes last). "read" is the GZIP read alone (the floor each layout pays); the shard
-bytes of both layouts are reported too.
+current trainer over the current Transform output (uint8 pixels; flips, turns and the mask's
+nearest-neighbour zoom are one XLA-compiled selection of pixels that also normalises, then the
+bilinear image zoom). "tf-gather" is the same storage with the trainer's augmentation before XLA
+(TF gather kernels for the moves, tf.image.resize nearest for the mask zoom), with augmentation
+only: "xla gain" is after / tf-gather. "read" is the GZIP read alone (the floor each layout pays);
+the shard bytes of both layouts are reported too.
 
 Needed rate: the seed U-Net (64 filters, depth 4) at that size keeping an H200 at 40% of its bf16
 rate: 790 TFLOP/s x 0.4 / (3 x forward FLOPs per image), the forward FLOPs counted from the
 model's convolution layers (benchmarks/bench_trainer.py: forward_flops).
 
-    python benchmarks/bench_input.py            # 1,024 train images, ~5 minutes on 2 idle cores
+    python benchmarks/bench_input.py            # 1,024 train images, ~6 minutes on 2 idle cores
     python benchmarks/bench_input.py --quick    # 256 images, short timings: a smoke run
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -164,23 +167,61 @@ def previous_parse_batch(serialized: Any, image_size: int) -> tuple[Any, Any]:
     return images, tf.reshape(tf.cast(features["mask"], tf.int32), [-1, image_size, image_size])
 
 
-def previous_make_dataset(files: list[str], *, image_size: int, augment: Mapping[str, Any] | None) -> Any:
-    """The trainer's training input over float32 records: the same stages, parse then augment the
-    floats in one map."""
+def previous_augment_batch(images: Any, masks: Any, *, flip: bool, rot90: bool, zoom: float) -> tuple[Any, Any]:
+    """The trainer's augmentation before XLA (no patches): flips and turns as TF gathers of the flat
+    batch, the zoom by tf.image.resize (bilinear image, nearest mask)."""
     import tensorflow as tf
 
-    from segpipe.components.trainer import augment_batch
+    from segpipe.components.trainer import dihedral_sources
+
+    batch, size, channels = tf.shape(images)[0], int(images.shape[1]), int(images.shape[-1])
+    if flip or rot90:
+        no_flip = tf.zeros([batch], tf.int32)
+        left_right = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
+        up_down = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
+        turns = tf.random.uniform([batch], 0, 4, dtype=tf.int32) if rot90 else no_flip
+        sources = tf.gather(tf.constant(dihedral_sources(size)), left_right * 8 + up_down * 4 + turns)
+        sources = tf.reshape(sources + tf.range(batch)[:, None] * (size * size), [-1])
+        images = tf.reshape(tf.gather(tf.reshape(images, [-1, channels]), sources), [batch, size, size, channels])
+        masks = tf.reshape(tf.gather(tf.reshape(masks, [-1]), sources), [batch, size, size])
+    if zoom > 0:
+        cut = tf.maximum(1, tf.cast(tf.round((1.0 - tf.random.uniform([], 0.0, zoom)) * size), tf.int32))
+        top = tf.random.uniform([], 0, size - cut + 1, dtype=tf.int32)
+        left = tf.random.uniform([], 0, size - cut + 1, dtype=tf.int32)
+        images = tf.image.resize(images[:, top : top + cut, left : left + cut], [size, size], method="bilinear")
+        masks = tf.image.resize(masks[:, top : top + cut, left : left + cut, None], [size, size], method="nearest")[..., 0]
+    return images, masks
+
+
+def previous_uint8_parse(serialized: Any, image_size: int, augment: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    """The trainer's parse of uint8 records before XLA: moves on the uint8 pixels, normalisation, zoom."""
+    import tensorflow as tf
+
+    from segpipe.components.trainer import feature_spec
+    from segpipe.components.transform import (PIXEL_OFFSET_KEY, PIXEL_SCALE_KEY, decode_pixels, normalize_pixels,
+                                              record_scaling)
+
+    features = tf.io.parse_example(serialized, feature_spec(image_size))
+    offset, scale = record_scaling(features[PIXEL_OFFSET_KEY], features[PIXEL_SCALE_KEY])
+    pixels = decode_pixels(features["image"], image_size)
+    masks = tf.reshape(tf.cast(features["mask"], tf.int32), [-1, image_size, image_size])
+    if augment:
+        pixels, masks = previous_augment_batch(pixels, masks, **{**augment, "zoom": 0.0})
+    images = normalize_pixels(pixels, offset, scale)
+    if augment and augment["zoom"] > 0:
+        images, masks = previous_augment_batch(images, masks, flip=False, rot90=False, zoom=augment["zoom"])
+    return images, masks
+
+
+def previous_make_dataset(files: list[str], parse: Callable[[Any], tuple[Any, Any]]) -> Any:
+    """The trainer's training input with another parse: the same stages, parse and augment in one map."""
+    import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
     dataset = tf.data.Dataset.from_tensor_slices(list(files)).shuffle(len(files), reshuffle_each_iteration=True)
     dataset = dataset.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
                                  cycle_length=min(len(files), 8), num_parallel_calls=autotune, deterministic=False)
     dataset = dataset.shuffle(SHUFFLE_BUFFER, reshuffle_each_iteration=True).batch(BATCH_SIZE, num_parallel_calls=autotune)
-
-    def parse(records: Any) -> tuple[Any, Any]:
-        images, masks = previous_parse_batch(records, image_size)
-        return augment_batch(images, masks, **augment) if augment else (images, masks)
-
     return dataset.map(parse, num_parallel_calls=autotune, deterministic=False).prefetch(autotune)
 
 
@@ -198,7 +239,15 @@ def build(variant: str, files: list[str], size: int, augment: bool) -> Any:
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).batch(BATCH_SIZE).prefetch(tf.data.AUTOTUNE)
     options = AUGMENT if augment else None
     if variant == "before":
-        return previous_make_dataset(files, image_size=size, augment=options)
+        from segpipe.components.trainer import augment_batch
+
+        def parse(records: Any) -> tuple[Any, Any]:
+            images, masks = previous_parse_batch(records, size)
+            return augment_batch(images, masks, **options) if options else (images, masks)
+
+        return previous_make_dataset(files, parse)
+    if variant == "tf_gather":
+        return previous_make_dataset(files, lambda records: previous_uint8_parse(records, size, options))
     return trainer.make_dataset(files, image_size=size, batch_size=BATCH_SIZE, training=True,
                                 shuffle_buffer=SHUFFLE_BUFFER, augment=options)
 
@@ -280,6 +329,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         jobs += [("read_float", before, size, False), ("read", after, size, False)]
         jobs += [(variant, folder, size, augment) for augment in (False, True)
                  for variant, folder in (("before", before), ("after", after))]
+        jobs.append(("tf_gather", after, size, True))
         results["sizes"][str(size)] = {"transform_seconds": round(seconds, 1), "shards": len(files),
                                        "train_shard_bytes": {"before": shard_bytes(floats), "after": shard_bytes(files)},
                                        "needed": needed_rate(size), "rates": []}
@@ -294,6 +344,9 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 before, after = pick[("before", augment)], pick[("after", augment)]
                 row.append({"cores": cores, "augment": augment, "before_images_per_s": round(before, 1),
                             "after_images_per_s": round(after, 1), "speedup": round(after / before, 2)})
+                if augment:
+                    row[-1].update({"tf_gather_images_per_s": round(pick[("tf_gather", True)], 1),
+                                    "xla_speedup": round(after / pick[("tf_gather", True)], 2)})
                 log.info("%d px, %d core(s), augment %s: before %.0f, after %.0f images/s", size, cores, augment, before, after)
     results["load_average_after"] = round(os.getloadavg()[0], 2)
     return results
@@ -301,21 +354,24 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def report(results: dict[str, Any]) -> str:
     lines = [f"{'size':>5} {'cores':>5} {'augment':>8} {'read/core':>15} {'before/core':>12} {'after/core':>11} "
-             f"{'speedup':>8} {'H200 needs':>11} {'cores needed':>13}"]
+             f"{'speedup':>8} {'tf-gather/core':>15} {'xla gain':>9} {'H200 needs':>11} {'cores needed':>13}"]
     for size, row in results["sizes"].items():
         needed = row["needed"]["images_per_s"]
         read = {r["cores"]: (r["read_before_images_per_s"], r["read_images_per_s"]) for r in row["rates"] if r["augment"] is None}
         for r in (r for r in row["rates"] if r["augment"] is not None):
             per_core = {k: r[f"{k}_images_per_s"] / r["cores"] for k in ("before", "after")}
             reads = "/".join(f"{v / r['cores']:.0f}" for v in read[r["cores"]])
+            gather = f"{r['tf_gather_images_per_s'] / r['cores']:.0f}" if r["augment"] else "-"
+            gain = f"{r['xla_speedup']:.2f}" if r["augment"] else "-"
             lines.append(f"{size:>5} {r['cores']:>5} {'yes' if r['augment'] else 'no':>8} {reads:>15} "
-                         f"{per_core['before']:>12.0f} {per_core['after']:>11.0f} {r['speedup']:>8.2f} {needed:>11.0f} "
-                         f"{math.ceil(needed / per_core['after']):>13}")
+                         f"{per_core['before']:>12.0f} {per_core['after']:>11.0f} {r['speedup']:>8.2f} {gather:>15} "
+                         f"{gain:>9} {needed:>11.0f} {math.ceil(needed / per_core['after']):>13}")
         stored = row["train_shard_bytes"]
         lines.append(f"      {size} px: seed U-Net {row['needed']['forward_gflops_per_image']} GFLOPs forward/image; "
                      f"{row['shards']} train shards; {stored['before'] / 2**20:.1f} MiB float32 before, "
                      f"{stored['after'] / 2**20:.1f} MiB uint8 after (GZIP)")
-    lines.append(f"images/s per core (read: before/after); H200 needs = {H200_BF16_TFLOPS:.0f} TFLOP/s x {GPU_UTILISATION} / (3 x forward FLOPs); "
+    lines.append(f"images/s per core (read: before/after; tf-gather: after's storage with the augmentation as TF "
+                 f"gathers and resizes, xla gain = after / tf-gather); H200 needs = {H200_BF16_TFLOPS:.0f} TFLOP/s x {GPU_UTILISATION} / (3 x forward FLOPs); "
                  f"goal >= 1000/core at 128 px with augmentation; load average {results['load_average_before']} -> "
                  f"{results['load_average_after']}{' (quick: smoke figures)' if results['quick'] else ''}")
     return "\n".join(lines)

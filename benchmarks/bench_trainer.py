@@ -19,10 +19,20 @@
    2 for the fused multiply-add x 2 FMA units = 64; avx2 + fma: 32; avx: 16; else sse: 8). Assumed:
    two full-width FMA units per core and the reported clock sustained; a core that splits 512-bit
    operations in two 256-bit halves, or SMT siblings counted as CPUs, would halve the true peak.
+5. Variants of the training step: the model and input the default run trains on the demo data (the
+   auto plan's 64 px U-Net, base_filters 16, depth 3, batch norm, batch 8, the trainer's
+   create_model, schedule, loss, metrics and augmented make_dataset) under one change each:
+   jit_compile, steps_per_execution 8, batch 16 / 32 (and, for contrast, no batch norm) alternating
+   in one process; oneDNN off and 2 intra-op / 1 inter-op threads, which TensorFlow reads from the
+   environment when it loads, in child processes alternating with a child baseline. Each prints the
+   median images/s, % of the CPU's peak (as in 4.), the ratio to its baseline, the same per CPU-second
+   of the process (steadier on a shared machine; blind to a change of parallelism) and the first and
+   last training loss of its trajectory.
 
     python benchmarks/bench_trainer.py [--json out.json]
     python benchmarks/bench_trainer.py --quick        # tiny sizes, one repeat: checks that it runs
     python benchmarks/bench_trainer.py --gpu --json gpu.json
+    python benchmarks/bench_trainer.py --skip-memory --skip-pipeline --skip-frameworks --epochs 1 --variant-repeats 5
 """
 from __future__ import annotations
 
@@ -104,25 +114,47 @@ def timed_fit(model, data, epochs: int, **kwargs) -> float:
     return time.perf_counter() - start
 
 
+def timed_epochs(model: Any, data: Any, epochs: int, warm_up: bool, **fit: Any) -> tuple[float, float, list[float]]:
+    """(wall seconds, CPU seconds of this process, per-epoch training loss) of `epochs` epochs, after
+    one untimed epoch when `warm_up` (tracing, XLA compilation, the first pass over the files).
+
+    CPU seconds count the work, not the waiting for cores that other processes hold: on a shared
+    machine their ratios are steadier than the wall clock's (but blind to a change of parallelism)."""
+    losses = []
+    if warm_up:
+        losses += model.fit(data, epochs=1, verbose=0, **fit).history["loss"]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    history = model.fit(data, epochs=epochs, verbose=0, **fit).history
+    return time.perf_counter() - start, time.process_time() - cpu_start, losses + history["loss"]
+
+
 def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict:
     from segpipe.components.trainer import make_dataset
 
     images, masks = make_data(args.images, args.size)
     files = write_records(workdir / "pipeline", images, masks)
     masks32 = masks.astype(np.int32)
+    # Declared length (num_records) as the trainer's input has it; measured: no speed difference.
+    dataset = make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True, shuffle_buffer=256,
+                           num_records=args.images)
+    sides = {"numpy": (compiled_model(args.size, args.base_filters, args.depth, True), images,
+                       {"y": masks32, "batch_size": args.batch_size, "shuffle": True}),
+             "tfdata": (compiled_model(args.size, args.base_filters, args.depth, True), dataset, {"shuffle": False})}
     rates: dict[str, list[float]] = {"tfdata": [], "numpy": []}
-    for _ in range(args.repeats):  # alternate to share any machine-load drift
-        model = compiled_model(args.size, args.base_filters, args.depth, True)
-        seconds = timed_fit(model, images, args.epochs, y=masks32, batch_size=args.batch_size, shuffle=True)
-        rates["numpy"].append(args.images * args.epochs / seconds)
-        model = compiled_model(args.size, args.base_filters, args.depth, True)
-        dataset = make_dataset(files, image_size=args.size, batch_size=args.batch_size, training=True, shuffle_buffer=256)
-        rates["tfdata"].append(args.images * args.epochs / timed_fit(model, dataset, args.epochs))
+    cpu_rates: dict[str, list[float]] = {"tfdata": [], "numpy": []}
+    for repeat in range(args.repeats):  # alternate to share any machine-load drift
+        for name, (model, data, fit) in sides.items():
+            seconds, cpu_seconds, _ = timed_epochs(model, data, args.epochs, warm_up=repeat == 0, **fit)
+            rates[name].append(args.images * args.epochs / seconds)
+            cpu_rates[name].append(args.images * args.epochs / cpu_seconds)
     best = {k: max(v) for k, v in rates.items()}
+    cpu = {k: float(np.median(v)) for k, v in cpu_rates.items()}
     return {
         "images": args.images, "size": args.size, "epochs_timed": args.epochs, "batch_size": args.batch_size,
         "tfdata_images_per_s": round(best["tfdata"], 1), "numpy_images_per_s": round(best["numpy"], 1),
         "ratio": round(best["tfdata"] / best["numpy"], 3), "runs": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "images_per_cpu_s": {k: round(v, 1) for k, v in cpu.items()}, "cpu_ratio": round(cpu["tfdata"] / cpu["numpy"], 3),
+        "cpu_runs": {k: [round(x, 1) for x in v] for k, v in cpu_rates.items()},
     }
 
 
@@ -297,6 +329,153 @@ def bench_frameworks(args: argparse.Namespace, workdir: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- 5. variants of the training step
+
+
+# Changes to the default run's training step, each tried alone against the baseline (the trainer as it
+# is, on the demo data's auto plan). In-process: compile/fit settings; batch 8 is the plan's CPU_BATCH.
+STEP_VARIANTS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "jit_compile": {"jit_compile": True},
+    "steps_per_execution_8": {"steps_per_execution": 8},
+    "batch_16": {"batch_size": 16},
+    "batch_32": {"batch_size": 32},
+    "no_batch_norm": {"batch_norm": False},  # contrast only (another model): what batch norm costs
+}
+# Settings TensorFlow reads from the environment when it loads: each child process trains the
+# baseline under one of them, beside a child without any (the ratio is child to child).
+PROCESS_VARIANTS: dict[str, dict[str, str]] = {
+    "baseline": {},
+    "onednn_off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "threads_intra2_inter1": {"TF_NUM_INTRAOP_THREADS": "2", "TF_NUM_INTEROP_THREADS": "1"},
+}
+
+
+def default_run_configs(batch_norm: bool) -> tuple[dict, dict]:
+    """(model, train) config dicts as the default run trains the demo data: default.yaml with the
+    auto plan's choices for it (benchmarks/results/plan_demo.json)."""
+    import dataclasses
+
+    from segpipe.components.plan import CPU_BATCH
+    from segpipe.pipeline.config import load_config
+
+    cfg = load_config(overrides={"train.loss": "bce", "train.batch_size": CPU_BATCH, "model.batch_norm": batch_norm})
+    return dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.train)
+
+
+def variant_setup(args: argparse.Namespace, files: list[str], variant: dict[str, Any]) -> tuple[Any, Any, int]:
+    """(compiled model, training dataset, batch size) of one variant: the trainer's create_model,
+    optimizer schedule, loss and metrics (compile_model's, plus steps_per_execution) and make_dataset
+    with the run's augmentation and declared length."""
+    import keras
+
+    from segpipe.components.core.model import get_loss, segmentation_metrics
+    from segpipe.components.trainer import (augment_options, create_model, fitted_bn_momentum, learning_rate,
+                                            make_dataset, replica_mean_loss)
+
+    model_config, train_config = default_run_configs(bool(variant.get("batch_norm", args.variant_batch_norm)))
+    batch = int(variant.get("batch_size", train_config["batch_size"]))
+    steps_per_epoch = -(-args.images // batch)
+    total_steps = steps_per_epoch * (1 + args.epochs * args.variant_repeats)
+    model_config.update(base_filters=args.base_filters, depth=args.depth,
+                        bn_momentum=fitted_bn_momentum(steps_per_epoch, total_steps))
+    keras.utils.set_random_seed(int(train_config["seed"]))  # every variant starts from the same weights
+    model = create_model(args.size, 2, model_config)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate(train_config, total_steps)),
+                  loss=replica_mean_loss(get_loss(train_config["loss"], None)), metrics=segmentation_metrics(2),
+                  jit_compile=bool(variant.get("jit_compile", train_config["jit_compile"])),
+                  steps_per_execution=int(variant.get("steps_per_execution", 1)))
+    dataset = make_dataset(files, image_size=args.size, batch_size=batch, training=True,
+                           shuffle_buffer=int(train_config["shuffle_buffer"]), augment=augment_options(train_config),
+                           seed=int(train_config["seed"]), num_records=args.images)
+    return model, dataset, batch
+
+
+def run_variants(args: argparse.Namespace, files: list[str], variants: dict[str, dict[str, Any]], repeats: int) -> dict:
+    """Each variant's images/s per repeat (variants alternate within a repeat) and its loss trajectory."""
+    built = {name: variant_setup(args, files, variant) for name, variant in variants.items()}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_rates: dict[str, list[float]] = {name: [] for name in variants}
+    losses: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        for name, (model, dataset, _) in built.items():
+            seconds, cpu_seconds, loss = timed_epochs(model, dataset, args.epochs, warm_up=repeat == 0, shuffle=False)
+            rates[name].append(args.images * args.epochs / seconds)
+            cpu_rates[name].append(args.images * args.epochs / cpu_seconds)
+            losses[name] += loss
+    flops = {name: forward_flops(model) for name, (model, _, _) in built.items()}
+    return {name: {"runs": [round(r, 1) for r in rates[name]], "cpu_runs": [round(r, 1) for r in cpu_rates[name]],
+                   "loss": [round(x, 4) for x in losses[name]], "batch_size": built[name][2],
+                   "forward_gflops_per_image": round(flops[name] / 1e9, 4)}
+            for name in variants}
+
+
+def variant_child(args: argparse.Namespace) -> None:
+    """One process variant: the baseline under this process's environment; prints run_variants' row."""
+    files = sorted(str(p) for p in Path(args.files_dir).glob("data-*.tfrecord.gz"))
+    print(json.dumps(run_variants(args, files, {"baseline": {}}, args.variant_repeats)["baseline"]))
+
+
+def run_variant_child(args: argparse.Namespace, env: dict[str, str], files_dir: Path) -> dict:
+    command = [sys.executable, __file__, "--variant-child", "--files-dir", str(files_dir), "--images", str(args.images),
+               "--size", str(args.size), "--base-filters", str(args.base_filters), "--depth", str(args.depth),
+               "--epochs", str(args.epochs), "--variant-repeats", "1"]
+    if not args.variant_batch_norm:
+        command.append("--variant-no-batch-norm")
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env={**os.environ, **env})
+    if done.returncode:
+        raise RuntimeError(f"variant child {env} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_variants(args: argparse.Namespace, workdir: Path) -> dict:
+    """Images/s, fraction of the CPU's peak and ratio to the baseline of each variant (medians over
+    the repeats); the process variants' repeats are one child each, alternating with the others."""
+    images, masks = make_data(args.images, args.size, seed=2)
+    folder = workdir / "variants"
+    files = write_records(folder, images, masks)
+    peak, load_before = cpu_peak(), [round(x, 2) for x in os.getloadavg()]
+    wanted = {"baseline", *(args.variants or (*STEP_VARIANTS, *PROCESS_VARIANTS))}
+    steps = {name: variant for name, variant in STEP_VARIANTS.items() if name in wanted}
+    processes = {name: env for name, env in PROCESS_VARIANTS.items() if name in wanted}
+    rows = {"in_process": run_variants(args, files, steps, args.variant_repeats)}
+    children: dict[str, dict] = {name: {"runs": [], "cpu_runs": [], "loss": []} for name in processes}
+    for _ in range(args.variant_repeats if len(processes) > 1 else 0):
+        for name, env in processes.items():
+            row = run_variant_child(args, env, folder)
+            children[name]["runs"] += row["runs"]
+            children[name]["cpu_runs"] += row["cpu_runs"]
+            children[name]["loss"] = children[name]["loss"] or row["loss"]  # the first child's trajectory
+            children[name].update(batch_size=row["batch_size"], forward_gflops_per_image=row["forward_gflops_per_image"])
+    if children and children["baseline"]["runs"]:
+        rows["subprocess"] = children
+    for group in rows.values():
+        base = float(np.median(group["baseline"]["runs"]))
+        cpu_base = float(np.median(group["baseline"]["cpu_runs"]))
+        for row in group.values():
+            rate, cpu_rate = float(np.median(row["runs"])), float(np.median(row["cpu_runs"]))
+            gflops = rate * 3 * row["forward_gflops_per_image"]
+            row.update(images_per_s=round(rate, 1), train_gflops=round(gflops, 1),
+                       fraction_of_peak=round(gflops / peak["peak_gflops"], 4), ratio_to_baseline=round(rate / base, 3),
+                       images_per_cpu_s=round(cpu_rate, 1), cpu_ratio_to_baseline=round(cpu_rate / cpu_base, 3))
+    return {"images": args.images, "size": args.size, "epochs_timed": args.epochs, "repeats": args.variant_repeats,
+            "model": f"base_filters {args.base_filters}, depth {args.depth}, batch_norm {args.variant_batch_norm}",
+            "cpu": peak, "load_average_before": load_before, "load_average": [round(x, 2) for x in os.getloadavg()],
+            **rows}
+
+
+def print_variants(v: dict) -> None:
+    print(f"variants of the training step ({v['model']}, {v['size']} px, median of {v['repeats']}; "
+          f"peak {v['cpu']['peak_gflops']} GFLOP/s; load {v['load_average_before']} -> {v['load_average']})")
+    print(f"{'  variant':<34}{'batch':>6}{'images/s':>10}{'GFLOP/s':>9}{'of peak':>9}{'ratio':>7}"
+          f"{'img/CPU-s':>10}{'ratio':>7}  loss first -> last")
+    for group, label in (("in_process", ""), ("subprocess", " (child)")):
+        for name, row in v.get(group, {}).items():
+            print(f"{'  ' + name + label:<34}{row['batch_size']:>6}{row['images_per_s']:>10}{row['train_gflops']:>9}"
+                  f"{row['fraction_of_peak']:>9.1%}{row['ratio_to_baseline']:>7}{row['images_per_cpu_s']:>10}"
+                  f"{row['cpu_ratio_to_baseline']:>7}  {row['loss'][0]} -> {row['loss'][-1]}")
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -315,6 +494,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-frameworks", action="store_true", help="skip 4. (FLOP/s, tf_keras side by side)")
+    parser.add_argument("--skip-variants", action="store_true", help="skip 5. (variants of the training step)")
+    parser.add_argument("--variant-repeats", type=int, default=3, help="repeats of 5. (the median is reported)")
+    parser.add_argument("--variants", nargs="+", choices=sorted({*STEP_VARIANTS, *PROCESS_VARIANTS} - {"baseline"}),
+                        help="only these variants of 5. (and the baseline); default all")
+    parser.add_argument("--variant-no-batch-norm", dest="variant_batch_norm", action="store_false",
+                        help="5. on the U-Net without batch norm (the auto plan's demo model has it)")
     parser.add_argument("--quick", action="store_true", help="32 px, 48 images, one timed epoch, one repeat: a smoke run")
     parser.add_argument("--gpu", action="store_true", help="seed-model GPU throughput instead of the CPU benchmarks")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[16, 64])
@@ -322,9 +507,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=H100_SXM_DENSE_FP16_TFLOPS)
     parser.add_argument("--memory-child", choices=("tfdata", "numpy"), help=argparse.SUPPRESS)
     parser.add_argument("--files-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--variant-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.images, args.size, args.epochs, args.repeats, args.memory_n, args.memory_size = 48, 32, 1, 1, 8, 32
+        args.variant_repeats = 1
     return args
 
 
@@ -333,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child:
         memory_child(args)
+        return 0
+    if args.variant_child:
+        variant_child(args)
         return 0
     if args.gpu:
         results = {"gpu": bench_gpu(args)}
@@ -347,10 +537,14 @@ def main(argv: list[str] | None = None) -> int:
                 results["memory"] = bench_memory(args, Path(tmp))
             if not args.skip_frameworks:
                 results["frameworks"] = bench_frameworks(args, Path(tmp))
+            if not args.skip_variants:
+                results["variants"] = bench_variants(args, Path(tmp))
         print(f"{'measure':<34}{'trainer tf.data':>18}{'numpy (tutorial)':>18}{'ratio':>8}  goal")
         if "pipeline" in results:
             p = results["pipeline"]
             print(f"{'train images/s':<34}{p['tfdata_images_per_s']:>18}{p['numpy_images_per_s']:>18}{p['ratio']:>8}  >= 0.95")
+            cpu = p["images_per_cpu_s"]
+            print(f"{'  per CPU-second (median)':<34}{cpu['tfdata']:>18}{cpu['numpy']:>18}{p['cpu_ratio']:>8}")
         if "memory" in results:
             m = results["memory"]
             n_label, n10_label = f"N={m['n']}", f"10N={10 * m['n']}"
@@ -367,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'  fraction of CPU fp32 peak':<34}{f['segpipe']['fraction_of_peak']:>18.2%}{f['tf_keras']['fraction_of_peak']:>18.2%}"
                   f"  peak {cpu['peak_gflops']} GFLOP/s = {cpu['cpus']} CPUs x {cpu['clock_ghz']} GHz x "
                   f"{cpu['fp32_flops_per_cycle']} ({cpu['isa']}); {f['forward_gflops_per_image']} GFLOPs forward/image")
+        if "variants" in results:
+            print_variants(results["variants"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -100,6 +100,13 @@ def trainer_rows(data: dict[str, Any]) -> list[Row]:
         rows.append(Row(f"Training peak memory (numpy, the tutorial's way), {10 * m['n']} vs {m['n']} images",
                         f"{m['numpy']['peak_mb_10n']} MB", f"{m['numpy']['peak_mb_n']} MB", m["numpy"]["ratio"],
                         "-", "reported"))
+    for group in ("in_process", "subprocess"):  # each variant of the training step against its baseline
+        for name, v in (data.get("variants") or {}).get(group, {}).items():
+            if name != "baseline":
+                rows.append(Row(f"Training step variant {name} (batch {v['batch_size']}) vs baseline, images/s",
+                                f"{v['images_per_s']} img/s ({v['fraction_of_peak']:.1%} of peak)",
+                                f"{data['variants'][group]['baseline']['images_per_s']} img/s",
+                                v["ratio_to_baseline"], "-", "reported"))
     return rows
 
 
@@ -231,7 +238,8 @@ def convergence_rows(data: dict[str, Any]) -> list[Row]:
 BENCHMARKS: dict[str, Bench] = {
     "transform": Bench("bench_transform.py", ("--num", "2000", "--size", "128", "--memory-num", "1000"),
                        ("--num", "120", "--size", "64", "--pool", "60", "--memory-num", "20"), transform_rows),
-    "trainer": Bench("bench_trainer.py", (), ("--images", "64", "--epochs", "1", "--repeats", "1", "--memory-n", "16"),
+    "trainer": Bench("bench_trainer.py", (), ("--images", "64", "--epochs", "1", "--repeats", "1", "--memory-n", "16",
+                                          "--variant-repeats", "1"),
                      trainer_rows),
     "ingest_memory": Bench("bench_ingest_memory.py", ("--n", "100"), ("--n", "10"), ingest_rows),
     "serving": Bench("bench_serving.py", (), ("--quick",), serving_rows),

@@ -124,6 +124,7 @@ class TrainConfig:
     class_weights: str = field(metadata=_rng(choices=("auto", "none")))
     monitor: str = field(metadata=_rng(choices=("val_iou", "val_pixel_accuracy", "val_dice", "val_loss")))
     early_stopping_patience: int = field(metadata=_rng(0))
+    validation_freq: int = field(metadata=_rng(1))  # epochs between evaluations of the eval split
     bn_recalibration_batches: int = field(metadata=_rng(0))  # 0 keeps the moving averages
     shuffle_buffer: int = field(metadata=_rng(1))
     cache: bool

@@ -68,7 +68,7 @@ def test_the_plan_picks_input_sizes_the_encoder_accepts():
                               foreground_fraction=0.2, sampled=48)
     cpu = Device("cpu", 2)
     assert plan_from_fingerprint(fingerprint, 0.5, cpu, {}).value(IMAGE_SIZE) == 44  # the U-Net's own choice
-    assert plan_from_fingerprint(fingerprint, 1, cpu, {}).value(CROP_SIZE) == 88  # ... and its patches
+    assert plan_from_fingerprint(fingerprint, 1, cpu, {}).value(CROP_SIZE) == 72  # ... and its patches
     for budget in (0.5, 1, 10):
         chosen = plan_from_fingerprint(fingerprint, budget, cpu, {}, size_multiple=32)
         size, crop = chosen.value(IMAGE_SIZE), chosen.value(CROP_SIZE)

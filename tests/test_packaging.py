@@ -51,4 +51,4 @@ def test_the_wheel_holds_exactly_one_top_level_package(tmp_path):
     for data in ("segpipe/pipeline/default.yaml", "segpipe/pipeline/profiles/demo.yaml", "segpipe/schemas/schema.pbtxt"):
         assert data in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "segpipe = segpipe.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "segpipe = segpipe.pipeline.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -62,11 +62,15 @@ def test_thin_structures_want_full_resolution_and_the_budget_cuts_it():
     assert on_cpu.estimate["within_budget"]
     assert values(on_cpu)[plan.LOSS] == "dice_bce" and values(on_cpu)[plan.CLASS_WEIGHTS] == "auto"
 
-    shorter = plan_from_fingerprint(thin, 3, CPU2, {})  # fewer steps and patches before a lower resolution
-    assert values(shorter)[plan.IMAGE_SIZE] == 512 and 0 < values(shorter)[plan.CROP_SIZE] < 512
-    assert plan.MIN_PLANNED_STEPS <= shorter.estimate["steps"] < plan.TARGET_STEPS
-    tight = plan_from_fingerprint(thin, 0.7, CPU2, {})  # resolution is the last thing the budget cuts
-    assert values(tight)[plan.IMAGE_SIZE] < 512 and "to fit the 0.7-minute budget" in reason(tight, plan.IMAGE_SIZE)
+    # 6 eval images of 512 px would cost about as much as 48 train patches: validated every few epochs.
+    assert values(on_cpu)[plan.VALIDATION_FREQ] > 1 and "eval images on whole inputs" in reason(on_cpu, plan.VALIDATION_FREQ)
+    assert values(plan_from_fingerprint(fingerprint(), 10, CPU2, {}))[plan.VALIDATION_FREQ] == 1  # 800 train images
+
+    shorter = plan_from_fingerprint(thin, 1.5, CPU2, {})  # fewer steps on the smallest patch before a lower resolution
+    assert values(shorter)[plan.IMAGE_SIZE] == 512 and 64 <= values(shorter)[plan.CROP_SIZE] < 80
+    assert plan.MIN_PLANNED_STEPS <= shorter.estimate["steps"] < plan.TARGET_STEPS and shorter.estimate["within_budget"]
+    tight = plan_from_fingerprint(thin, 0.5, CPU2, {})  # resolution is the last thing the budget cuts
+    assert values(tight)[plan.IMAGE_SIZE] < 512 and "to fit the 0.5-minute budget" in reason(tight, plan.IMAGE_SIZE)
     assert tight.estimate["within_budget"] and tight.estimate["steps"] >= plan.MIN_PLANNED_STEPS
 
     on_gpu = plan_from_fingerprint(thin, 10, Device("gpu", 1), {})
@@ -84,6 +88,8 @@ def test_patches_cost_by_their_own_size_and_evaluation_by_the_whole_input():
     only_train = plan.training_seconds(128, 4, 16, 10, 48, 0, CPU2)
     assert only_train < patches < whole / 4
     assert plan.training_seconds(512, 4, 16, 10, 48, 6, CPU2, crop=512) == whole  # a patch of the whole input
+    every_fifth = plan.training_seconds(512, 4, 16, 10, 48, 6, CPU2, crop=128, validation_freq=5)
+    assert every_fifth - only_train == pytest.approx((patches - only_train) * 2 / 10)  # 2 validations instead of 10
 
 
 def test_an_explicit_crop_size_is_kept():

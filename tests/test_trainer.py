@@ -458,3 +458,43 @@ def test_recalibration_repairs_the_statistics_of_momentum_099(short_bn_runs):
     assert run["result"]["bn_recalibration_batches"] == 4  # the whole train split, 4 batches of 8
     assert all(abs(gap) < 0.05 for gap in gaps(run).values()), run
     assert run["inference"]["iou"] > short_bn_runs["keras_default"]["inference"]["iou"] + 0.2
+
+
+# ------------------------------------------------------------------ validation every few epochs
+
+
+def test_validation_epochs_are_every_nth_and_the_last():
+    assert trainer.validation_epochs(4, 1) == 1
+    assert trainer.validation_epochs(5, 2) == [2, 4, 5] and trainer.validation_epochs(6, 3) == [3, 6]
+
+
+def test_epochs_that_were_not_validated_neither_checkpoint_nor_count_for_early_stopping(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.stop_training = False  # as fit sets it
+    best = tmp_path / "best.weights.h5"
+    checkpoint = trainer.best_checkpoint_callback(best, "val_iou", None)
+    early = trainer.early_stopping_callback("val_iou", 1, [])
+    for callback in (checkpoint, early):
+        callback.set_model(model)
+        callback.on_train_begin()
+    logs = [{"loss": 1.0}, {"loss": 0.9, "val_iou": 0.5}, {"loss": 0.8}, {"loss": 0.7}, {"loss": 0.6, "val_iou": 0.4}]
+    saved, stopped = [], []
+    for epoch, epoch_logs in enumerate(logs):
+        mtime = best.stat().st_mtime_ns if best.exists() else None
+        for callback in (checkpoint, early):
+            callback.on_epoch_begin(epoch)
+            callback.on_epoch_end(epoch, epoch_logs)
+        saved.append(best.exists() and best.stat().st_mtime_ns != mtime)
+        stopped.append(bool(model.stop_training))
+    # Keras's own ModelCheckpoint saves an epoch without the monitor unconditionally (epochs 0, 2, 3).
+    assert saved == [False, True, False, False, False]
+    assert stopped == [False, False, False, False, True]  # patience 1 counts the validations only
+
+
+def test_history_of_a_run_validated_every_second_epoch(tiny_transform, tmp_path):
+    result = run_trainer(tiny_transform, tmp_path, train_config=train_config(epochs=3, validation_freq=2))
+    history = trainer.read_history(tmp_path / "model_run" / trainer.HISTORY_FILE)  # CSVLogger writes "NA"
+    assert [("val_iou" in row) for row in history] == [False, True, True]
+    assert result["best_epoch"] in (2, 3) and result["epochs"] == 3
