@@ -491,9 +491,11 @@ def plan_from_fingerprint(
     def patch_depth(crop: int) -> int:  # a patch's own depth; the whole input must still divide by it
         return full_depth if not 0 < crop < full_size else given(DEPTH) or min(full_depth, depth_for(crop))
 
-    def freq_of(size: int, depth: int, width: int, crop: int) -> int:  # planned unless you set it
+    def freq_of(size: int, depth: int, width: int, crop: int) -> int:  # planned unless set or not planned here
+        if given(VALIDATION_FREQ) or VALIDATION_FREQ not in fields:
+            return int(given(VALIDATION_FREQ) or 1)
         train, evaluate = epoch_seconds(size, depth, width, fp.num_train, fp.num_eval, device, crop)
-        return int(given(VALIDATION_FREQ) or validation_freq_for(train, evaluate, wanted_epochs))
+        return validation_freq_for(train, evaluate, wanted_epochs)
 
     def epochs_within(size: int, depth: int, width: int, crop: int) -> int:
         train, evaluate = epoch_seconds(size, depth, width, fp.num_train, fp.num_eval, device, crop)

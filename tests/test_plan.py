@@ -326,3 +326,15 @@ def test_an_explicit_min_steps_is_a_floor_the_budget_is_met_with():
     assert result.estimate["steps"] >= 2000 and result.estimate["within_budget"]
     assert values(result)[plan.EPOCHS] * result.estimate["steps_per_epoch"] >= 2000
     assert 0 < values(result)[plan.CROP_SIZE] < 512
+
+
+def test_validation_frequency_you_set_or_do_not_plan_is_what_the_estimate_costs():
+    thin = fingerprint(num_train=48, num_eval=6, median_height=512, median_width=512,
+                       class_fractions=(0.96, 0.04), class_thickness=(None, 3.0))
+    every_epoch = plan_from_fingerprint(thin, 10, CPU2, {plan.VALIDATION_FREQ: 1})
+    planned = plan_from_fingerprint(thin, 10, CPU2, {})
+    unplanned = plan_from_fingerprint(thin, 10, CPU2, {}, fields=[f for f in plan.PLANNED_FIELDS if f != plan.VALIDATION_FREQ])
+    assert reason(every_epoch, plan.VALIDATION_FREQ) == plan.SET_BY_YOU and values(planned)[plan.VALIDATION_FREQ] > 1
+    assert plan.VALIDATION_FREQ not in values(unplanned)
+    # Validating every epoch costs more of the budget: smaller patches for the same steps.
+    assert values(unplanned)[plan.CROP_SIZE] == values(every_epoch)[plan.CROP_SIZE] < values(planned)[plan.CROP_SIZE]
