@@ -491,15 +491,15 @@ def plan_from_fingerprint(
     def patch_depth(crop: int) -> int:  # a patch's own depth; the whole input must still divide by it
         return full_depth if not 0 < crop < full_size else given(DEPTH) or min(full_depth, depth_for(crop))
 
-    def freq_of(size: int, depth: int, width: int, crop: int) -> int:  # planned unless set or not planned here
-        if given(VALIDATION_FREQ) or VALIDATION_FREQ not in fields:
-            return int(given(VALIDATION_FREQ) or 1)
+    def freq_of(size: int, depth: int, width: int, crop: int) -> tuple[int, float, float]:
+        """(validation_freq, train and eval seconds of an epoch): planned unless set or not planned here."""
         train, evaluate = epoch_seconds(size, depth, width, fp.num_train, fp.num_eval, device, crop)
-        return validation_freq_for(train, evaluate, wanted_epochs)
+        if given(VALIDATION_FREQ) or VALIDATION_FREQ not in fields:
+            return int(given(VALIDATION_FREQ) or 1), train, evaluate
+        return validation_freq_for(train, evaluate, wanted_epochs), train, evaluate
 
     def epochs_within(size: int, depth: int, width: int, crop: int) -> int:
-        train, evaluate = epoch_seconds(size, depth, width, fp.num_train, fp.num_eval, device, crop)
-        freq = freq_of(size, depth, width, crop)
+        freq, train, evaluate = freq_of(size, depth, width, crop)
         epochs = int((budget - OVERHEAD_SECONDS) // (train + evaluate / freq)) if budget > OVERHEAD_SECONDS else 0
         while epochs > 0 and training_seconds(size, depth, width, epochs, fp.num_train, fp.num_eval, device, crop,
                                               freq) > budget:  # the validation after the last epoch
@@ -545,7 +545,7 @@ def plan_from_fingerprint(
            + ("batch statistics are stable enough" if batch >= BATCH_NORM_MIN_BATCH else "too noisy for batch norm"))
     epochs = decide(EPOCHS, epochs, epochs_why)
     decide(MIN_STEPS, epochs * steps_per_epoch, f"the planned {epochs} x {steps_per_epoch} steps, so the trainer adds none")
-    every = freq_of(size, depth, width, crop)
+    every = freq_of(size, depth, width, crop)[0]
     freq = decide(VALIDATION_FREQ, every, "1: evaluation is a small share of each epoch" if every == 1 else
                   f"{every}: scoring the {fp.num_eval} eval images on whole inputs after every epoch would take "
                   f"over {EVAL_SHARE:.0%} of the training time")
@@ -581,7 +581,6 @@ def plan_from_fingerprint(
 
     size, depth, width = (choices[IMAGE_SIZE].value, choices[DEPTH].value, choices[BASE_FILTERS].value)
     crop = choices[CROP_SIZE].value if CROP_SIZE in choices else 0
-    freq = choices[VALIDATION_FREQ].value if VALIDATION_FREQ in choices else 1
     seconds = training_seconds(size, depth, width, epochs, fp.num_train, fp.num_eval, device, crop, freq)
     estimate = {
         "minutes": round(seconds / 60.0, 2),
