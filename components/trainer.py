@@ -573,13 +573,13 @@ def encoder_input_range(encoder: str, transform_graph_uri: str) -> dict[str, lis
 def compile_model(
     model: Any, num_classes: int, train_config: Mapping[str, Any], *, total_steps: int, class_weights: list[float] | None
 ) -> None:
-    """Adam on the learning-rate schedule + the configured loss + pixel accuracy / IoU / Dice (all ignore 255)."""
-    import keras
-
+    """Adam (one fused kernel per variable, see core.optimizers) on the learning-rate schedule + the
+    configured loss + pixel accuracy / IoU / Dice (all ignore 255)."""
     from segpipe.components.core.model import get_loss, segmentation_metrics
+    from segpipe.components.core.optimizers import FusedAdam
 
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(train_config, total_steps)),
+        optimizer=FusedAdam(learning_rate(train_config, total_steps)),
         loss=replica_mean_loss(get_loss(train_config["loss"], class_weights)),
         metrics=segmentation_metrics(num_classes),
         jit_compile=bool(train_config["jit_compile"]),
