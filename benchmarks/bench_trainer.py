@@ -5,6 +5,9 @@
    steps, same process, alternating; the ratio of the medians (and of the best runs). Goal: ratio
    >= 0.95. 1,024 images by default, about the demo's train split: with 256 an epoch is 16 steps
    and the per-epoch start-up of each side weighs on the ratio (it read 0.62 at 256, 0.945 at 1,024).
+   On a shared host whose speed jumps between two levels (seen here: about 130 and 195 images/s
+   for the same side and work) the wall-clock ratio depends on which side lands in the slow
+   phase; the per-CPU-second ratio, printed beside it, counts the input pipeline's extra work.
 2. Peak memory (VmHWM, one subprocess each; a tiny U-Net at 128 px so data, not weights, dominates)
    of the trainer's input path training on N vs 10N images; goal <= 1.2. The numpy way (every image
    in memory) is measured beside it for contrast.
