@@ -704,18 +704,27 @@ def early_stopping_callback(monitor: str, patience: int, previous: list[float]) 
 
     mode = MONITOR_MODES[monitor]
 
-    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    class ResumableEarlyStopping(validated_epochs_only(keras.callbacks.EarlyStopping, monitor)):
         def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
             if previous:
                 best = best_index(previous, mode)
                 self.best, self.best_epoch, self.wait = previous[best], best, len(previous) - 1 - best
 
+    return ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience)
+
+
+def validated_epochs_only(callback_class: type, monitor: str) -> type:
+    """`callback_class` (a Keras callback) seeing only the epochs that were validated: with
+    train.validation_freq > 1 the others have no `monitor` value, and Keras's ModelCheckpoint would
+    then save unconditionally and EarlyStopping would count an epoch it could not judge."""
+
+    class ValidatedEpochsOnly(callback_class):
         def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-            if logs and monitor in logs:  # not validated (train.validation_freq > 1): nothing to count
+            if logs and monitor in logs:
                 super().on_epoch_end(epoch, logs)
 
-    return ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience)
+    return ValidatedEpochsOnly
 
 
 def encoder_freeze_callback(freeze_epochs: int) -> Any:
@@ -755,17 +764,12 @@ def encoder_freeze_callback(freeze_epochs: int) -> Any:
 
 
 def best_checkpoint_callback(path: Path, monitor: str, initial: float | None) -> Any:
-    """ModelCheckpoint of the best validated weights. An epoch that was not validated
-    (train.validation_freq > 1) has no `monitor` value, and Keras would then save unconditionally."""
+    """ModelCheckpoint of the best weights among the validated epochs (validated_epochs_only)."""
     import keras
 
-    class BestValidated(keras.callbacks.ModelCheckpoint):
-        def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
-            if logs and monitor in logs:
-                super().on_epoch_end(epoch, logs)
-
-    return BestValidated(str(path), monitor=monitor, mode=MONITOR_MODES[monitor], save_best_only=True,
-                         save_weights_only=True, initial_value_threshold=initial)
+    best_validated = validated_epochs_only(keras.callbacks.ModelCheckpoint, monitor)
+    return best_validated(str(path), monitor=monitor, mode=MONITOR_MODES[monitor], save_best_only=True,
+                          save_weights_only=True, initial_value_threshold=initial)
 
 
 def validation_epochs(epochs: int, freq: int) -> int | list[int]:
