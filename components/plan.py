@@ -309,7 +309,7 @@ def epoch_seconds(size: int, depth: int, base_filters: int, num_train: int, num_
                   crop: int = 0) -> tuple[float, float]:
     """(training, validation) seconds of one epoch: the train split on crop x crop patches when
     `crop` > 0, the eval split scored on whole size x size inputs."""
-    train = seconds_per_image(crop if 0 < crop < size else size, depth, base_filters, device)
+    train = seconds_per_image(encoders.training_side(size, crop), depth, base_filters, device)
     evaluate = seconds_per_image(size, depth, base_filters, device)
     return train * num_train, EVAL_COST * evaluate * num_eval
 
@@ -489,7 +489,7 @@ def plan_from_fingerprint(
         crops = [0]
 
     def patch_depth(crop: int) -> int:  # a patch's own depth; the whole input must still divide by it
-        return full_depth if not 0 < crop < full_size else given(DEPTH) or min(full_depth, depth_for(crop))
+        return full_depth if not encoders.uses_patches(full_size, crop) else given(DEPTH) or min(full_depth, depth_for(crop))
 
     def freq_of(size: int, depth: int, width: int, crop: int) -> tuple[int, float, float]:
         """(validation_freq, train and eval seconds of an epoch): planned unless set or not planned here."""
@@ -525,7 +525,7 @@ def plan_from_fingerprint(
         epochs_why += f"; cut to {epochs} epochs ({epochs * steps_per_epoch} steps) by the {budget_minutes:g}-minute budget"
     if CROP_SIZE in explicit:
         crop_why = SET_BY_YOU
-    elif 0 < crop < size:
+    elif encoders.uses_patches(size, crop):
         crop_why = (f"{crop} x {crop} px patches of the {size} px input: whole inputs do not fit the "
                     f"{budget_minutes:g}-minute budget at {epochs * steps_per_epoch} steps, and patches keep the "
                     f"resolution (evaluation and serving still see whole inputs)")
@@ -588,7 +588,7 @@ def plan_from_fingerprint(
         "within_budget": seconds <= budget,
         "steps": epochs * steps_per_epoch,
         "steps_per_epoch": steps_per_epoch,
-        "seconds_per_image": round(seconds_per_image(crop if 0 < crop < size else size, depth, width, device), 5),
+        "seconds_per_image": round(seconds_per_image(encoders.training_side(size, crop), depth, width, device), 5),
         "device": str(device),
     }
     return Plan(tuple(choices[f] for f in fields if f in choices), estimate)

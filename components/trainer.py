@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from segpipe.components.core import artifacts
+from segpipe.components.core.encoders import training_side, uses_patches
 from segpipe.components.core.errors import BadInputError, TrainingError
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def augment_batch(
     from segpipe.components.transform import normalize_pixels
 
     batch, size = tf.shape(images)[0], int(images.shape[1])
-    side = crop if 0 < crop < size else size
+    side = training_side(size, crop)
     no_flip = tf.zeros([batch], tf.int32)
     left_right = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
     up_down = tf.cast(tf.random.uniform([batch]) < 0.5, tf.int32) if flip else no_flip
@@ -277,7 +278,7 @@ def make_dataset(
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(math.ceil(num_records / batch_size)))
     augmentation = None
     crop = int(augment.get("crop", 0)) if augment else 0
-    if training and augment and (augment["flip"] or augment["rot90"] or augment["zoom"] > 0 or 0 < crop < image_size):
+    if training and augment and (augment["flip"] or augment["rot90"] or augment["zoom"] > 0 or uses_patches(image_size, crop)):
         augmentation = {"flip": bool(augment["flip"]), "rot90": bool(augment["rot90"]), "zoom": float(augment["zoom"]),
                         "crop": crop}
     # Parse and augment in one map (one hop between tf.data threads per batch) unless the parsed
@@ -508,7 +509,7 @@ def select_precision(mode: str) -> str:
 def model_input_size(image_size: int, crop: int) -> int | None:
     """create_model's size for training: None (any size) when it trains on crop x crop patches of
     image_size inputs and validates on whole ones, else image_size."""
-    return None if 0 < crop < image_size else image_size
+    return None if uses_patches(image_size, crop) else image_size
 
 
 def create_model(image_size: int | None, num_classes: int, model_config: Mapping[str, Any]) -> Any:

@@ -74,6 +74,16 @@ def input_size_problem(encoder: str, image_size: int) -> str | None:
     return None
 
 
+def uses_patches(image_size: int, crop: int) -> bool:
+    """Whether `train.crop_size` trains on patches: 0 and the whole input size both mean whole inputs."""
+    return 0 < crop < image_size
+
+
+def training_side(image_size: int, crop: int) -> int:
+    """The side of what the model trains on: the patch, or the whole input."""
+    return crop if uses_patches(image_size, crop) else image_size
+
+
 def crop_size_problem(crop: int, image_size: int, *, depth: int, encoder: str) -> str | None:
     """Why `train.crop_size` cannot train this model on this input, naming the fields, or None."""
     if crop == 0 or crop == image_size:
