@@ -28,15 +28,21 @@ and after each run and the CPU model.
 
 TFX 1.16 declares Requires-Python <3.11; its wheels are pure Python and its other dependencies are
 segpipe's versions, so it was installed on Python 3.11 with --ignore-requires-python (a
-configuration TFX does not support), into its own virtualenv, never segpipe's:
+configuration TFX does not support), into its own virtualenv, never segpipe's. `pip install` of
+the same requirements into the new virtualenv was still resolving after 15 minutes, while
+`pip download` (segpipe's pip 26) resolved them in 30 s; so the downloaded set was installed as it
+is, without a second resolution (`pip check` then reported no broken requirement):
 
     python3.11 -m venv /work/tfxvenv
     grep -iE '^(tensorflow|tensorflow-transform|tensorflow-data-validation|tfx-bsl|ml-metadata|apache-beam|numpy|protobuf|pyarrow|tf-keras|keras|tensorflow-metadata|tensorflow-serving-api|tensorboard|ml-dtypes)==' \\
         constraints.txt > /tmp/tfx-constraints.txt
-    /work/tfxvenv/bin/pip install --ignore-requires-python -c /tmp/tfx-constraints.txt \\
-        tfx==1.16.0 ml-pipelines-sdk==1.16.0 tensorflow-model-analysis==0.47.1 tensorflow-serving-api==2.16.1 tf-keras==2.16.0
+    pip download --ignore-requires-python -c /tmp/tfx-constraints.txt -d /tmp/tfxdl/wheels \\
+        tfx==1.16.0 ml-pipelines-sdk==1.16.0 "tensorflow-model-analysis>=0.47,<0.48" tensorflow-serving-api==2.16.1 tf-keras==2.16.0
+    /work/tfxvenv/bin/pip install --ignore-requires-python --no-deps --no-index /tmp/tfxdl/wheels/*.whl
+    /work/tfxvenv/bin/pip install --no-deps --no-index --no-build-isolation /tmp/tfxdl/wheels/*.tar.gz
+    /work/tfxvenv/bin/pip install dill==0.4.1   # TFT imports dill; nothing in the set declares it (Beam 2.72 dropped it)
 
-Run it with segpipe's Python (a quiet machine: the two runs take 5-8 minutes together):
+Run it with segpipe's Python on a quiet machine (the two runs took 3.5 minutes together on 2 cores):
 
     python benchmarks/bench_tfx.py --json          # writes benchmarks/results/tfx.json
     python benchmarks/bench_tfx.py --quick         # 48 images, 32 px, one epoch: checks that it runs
@@ -60,8 +66,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import parse_steps, pushed_metrics  # noqa: E402
 from bench_plan import newest  # noqa: E402
-
-log = logging.getLogger("bench_tfx")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tfx.json"
 TFX_PIPELINE = Path(__file__).resolve().parent / "tfx_pipeline.py"
@@ -117,6 +121,7 @@ def run_segpipe(data: Path, root: Path, settings: dict[str, Any]) -> dict[str, A
         "exit_code": done.returncode, "wall_seconds": round(seconds, 1), "load_before": before, "load_after": load(),
         "steps": {name: s["seconds"] for name, s in parse_steps(done.stdout).items()},
         "metrics": {k: pushed_metrics(root).get(k) for k in METRICS},
+        "num_test_examples": pushed_metrics(root).get("num_examples"),
         "model_resolution_metrics": {k: model_resolution.get(k) for k in METRICS},
         "plan_overrides": json.loads(plan.read_text())["overrides"] if plan else {},
         "trainer": json.loads(trainer.read_text()) if trainer else None,
@@ -296,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     if results["parameters"]["segpipe"] != results["parameters"]["tfx"]:
         results["differences"].append(f"parameter counts differ: {results['parameters']}")
+    mine, theirs = (segpipe_run["trainer"] or {}).get("plan") or {}, tfx_run.get("training") or {}
+    if mine.get("records") != theirs.get("train_records"):
+        results["differences"].append(
+            f"train split: segpipe {mine.get('records')} images ({mine.get('steps')} steps), TFX "
+            f"{theirs.get('train_records')} images ({theirs.get('steps')} steps); test split: segpipe "
+            f"{segpipe_run['num_test_examples']}, TFX {tfx_run['scored']['num_examples']} images")
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
