@@ -20,12 +20,13 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_plan import segpipe  # noqa: E402  (the one runner of the installed `segpipe` command)
 
 log = logging.getLogger("bench_pipeline")
 GOAL_SECONDS = 150.0
@@ -34,14 +35,6 @@ STEP_LINE = re.compile(r"^\[\d+/\d+\]\s+(?P<node>\S+)\s+(?P<state>done|cached|sk
 QUICK_SETTINGS = ["--set", "transform.image_size=32", "--set", "model.base_filters=4", "--set", "model.depth=2",
                   "--set", "train.epochs=1", "--set", "evaluation.pixel_accuracy_threshold=0",
                   "--set", "evaluation.min_foreground_iou=0"]
-
-
-def segpipe(*args: str) -> tuple[float, subprocess.CompletedProcess]:
-    """Run the installed `segpipe` command; (wall seconds, completed process)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    start = time.perf_counter()
-    done = subprocess.run(["segpipe", *args], capture_output=True, text=True, env=env, check=False)
-    return time.perf_counter() - start, done
 
 
 def parse_steps(stdout: str) -> dict[str, dict[str, Any]]:

@@ -65,7 +65,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import parse_steps, pushed_metrics  # noqa: E402
-from bench_plan import newest  # noqa: E402
+from bench_plan import newest, segpipe  # noqa: E402
+from bench_quality import set_flags  # noqa: E402
+from run_all import machine_description  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "tfx.json"
 TFX_PIPELINE = Path(__file__).resolve().parent / "tfx_pipeline.py"
@@ -86,22 +88,12 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def timed(command: list[str], env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess]:
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Run `command` (the TFX side) with `env` over this environment; (wall seconds, completed process)."""
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env})
     return time.perf_counter() - start, done
-
-
-def overrides_args(settings: dict[str, Any]) -> list[str]:
-    return [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
 
 
 # ---------------------------------------------------------------- the two runs
@@ -109,8 +101,8 @@ def overrides_args(settings: dict[str, Any]) -> list[str]:
 
 def run_segpipe(data: Path, root: Path, settings: dict[str, Any]) -> dict[str, Any]:
     before = load()
-    seconds, done = timed(["segpipe", "run", "--root", str(root), "--data", str(data / "span-{SPAN}/*.tfrecord*"),
-                           *overrides_args(settings)])
+    seconds, done = segpipe("run", "--root", str(root), "--data", str(data / "span-{SPAN}/*.tfrecord*"),
+                            *set_flags(settings))
     if done.returncode not in (0, 3):
         raise RuntimeError(f"segpipe run exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     evaluation = newest(root, "artifacts/evaluator/*/evaluation/metrics.json")
@@ -269,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench_tfx-"))
     data = workdir / "data"
     try:
-        gen_seconds, gen = timed(["segpipe", "demo-data", "--num", str(demo_size), "--out", str(data)])
+        gen_seconds, gen = segpipe("demo-data", "--num", str(demo_size), "--out", str(data))
         if gen.returncode:
             raise RuntimeError(f"segpipe demo-data failed:\n{gen.stderr[-3000:]}")
         print(f"demo data: {demo_size} images in {gen_seconds:.0f}s; segpipe run ...", flush=True)
@@ -289,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                      for k in METRICS)
     results = {
         "quick": args.quick, "demo_size": demo_size, "demo_data_seconds": round(gen_seconds, 1),
-        "cpu": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "recipe": recipe,
+        "cpu": machine_description()["cpu"], "cpus": len(os.sched_getaffinity(0)), "recipe": recipe,
         "segpipe": segpipe_run, "tfx": tfx_run, "ratio": round(ratio, 3),
         "matched_steps": matched_steps(segpipe_run["steps"], tfx_run["components"]),
         "goal_ratio": GOAL_RATIO, "goal_met": ratio <= GOAL_RATIO and metrics_ok,
