@@ -28,7 +28,8 @@
    auto plan's 64 px U-Net, base_filters 16, depth 3, batch norm, batch 8, the trainer's
    create_model, FusedAdam, schedule, loss, metrics and augmented make_dataset) under one change each:
    jit_compile, steps_per_execution 8, batch 16 / 32, Keras 3's own Adam (what the trainer ran
-   before FusedAdam) and, for contrast, no batch norm, alternating
+   before FusedAdam), Keras 3's own BatchNormalization (before core/batch_norm's fused kernel) and,
+   for contrast, no batch norm, alternating
    in one process; oneDNN off and 2 intra-op / 1 inter-op threads, which TensorFlow reads from the
    environment when it loads, in child processes alternating with a child baseline. Each prints the
    median images/s, % of the CPU's peak (as in 4.), the ratio to its baseline, the same per CPU-second
@@ -352,6 +353,7 @@ STEP_VARIANTS: dict[str, dict[str, Any]] = {
     "batch_32": {"batch_size": 32},
     "no_batch_norm": {"batch_norm": False},  # contrast only (another model): what batch norm costs
     "keras_adam": {"optimizer": "keras_adam"},  # Keras 3's own Adam, about 20 ops per variable
+    "keras_batch_norm": {"batch_norm_layer": "keras"},  # Keras 3's own BN layer: moments + x * a + b ops
 }
 # Settings TensorFlow reads from the environment when it loads: each child process trains the
 # baseline under one of them, beside a child without any (the ratio is child to child).
@@ -392,7 +394,13 @@ def variant_setup(args: argparse.Namespace, files: list[str], variant: dict[str,
     model_config.update(base_filters=args.base_filters, depth=args.depth,
                         bn_momentum=fitted_bn_momentum(steps_per_epoch, total_steps))
     keras.utils.set_random_seed(int(train_config["seed"]))  # every variant starts from the same weights
-    model = create_model(args.size, 2, model_config)
+    from unittest import mock
+
+    import segpipe.components.core.model as unet_module
+
+    layer = keras.layers.BatchNormalization if variant.get("batch_norm_layer") == "keras" else unet_module.FusedBatchNormalization
+    with mock.patch.object(unet_module, "FusedBatchNormalization", layer):  # the U-Net's BN layer class
+        model = create_model(args.size, 2, model_config)
     adam = keras.optimizers.Adam if variant.get("optimizer") == "keras_adam" else FusedAdam
     model.compile(optimizer=adam(learning_rate(train_config, total_steps)),
                   loss=replica_mean_loss(get_loss(train_config["loss"], None)), metrics=segmentation_metrics(2),

@@ -178,11 +178,13 @@ def test_tiny_unet_loss_falls_on_generated_data():
 
 
 def test_batch_norm_momentum_reaches_every_bn_layer():
+    import keras
+
     model = build_unet((16, 16, 3), 2, 4, 2, batch_norm=True, bn_momentum=0.8)
-    norms = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 10 and {layer.momentum for layer in norms} == {0.8}  # 2 per level, 5 levels
     assert {layer.momentum for layer in build_unet((16, 16, 3), 2, 4, 2, batch_norm=True).layers
-            if type(layer).__name__ == "BatchNormalization"} == {0.99}  # Keras's default
+            if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}  # Keras's default
 
 
 def test_class_weighted_crossentropy_is_the_weighted_mean_over_valid_pixels():

@@ -17,6 +17,7 @@ import keras
 from keras import layers, ops
 
 from segpipe.components.core.artifacts import IGNORE_LABEL
+from segpipe.components.core.batch_norm import FusedBatchNormalization
 
 EPSILON = 1e-7
 
@@ -36,7 +37,7 @@ def conv_block(
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, name=f"{name}_conv{i}")(x)
         if batch_norm:
-            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn{i}")(x)
+            x = FusedBatchNormalization(momentum=bn_momentum, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     if dropout > 0:
         x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
