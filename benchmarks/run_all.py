@@ -100,6 +100,15 @@ def trainer_rows(data: dict[str, Any]) -> list[Row]:
         rows.append(Row(f"Training peak memory (numpy, the tutorial's way), {10 * m['n']} vs {m['n']} images",
                         f"{m['numpy']['peak_mb_10n']} MB", f"{m['numpy']['peak_mb_n']} MB", m["numpy"]["ratio"],
                         "-", "reported"))
+    if "frameworks" in data:
+        f = data["frameworks"]
+        rows.append(Row(f"Training FLOP/s of the default run's demo model (batch {f.get('batch_size', '?')}, "
+                        f"batch norm {f.get('batch_norm', False)}), fraction of the CPU's fp32 peak",
+                        f"{f['segpipe']['fraction_of_peak']:.1%}", f"peak {f['cpu']['peak_gflops']} GFLOP/s", None,
+                        ">= 35%", check(f["segpipe"]["fraction_of_peak"], ">= 0.35")))
+        rows.append(Row("Same model and input: segpipe (Keras 3) vs tf_keras 2 (TFX's Trainer), train images/s",
+                        f"{f['segpipe']['images_per_s']} img/s", f"tf_keras {f['tf_keras']['images_per_s']} img/s",
+                        f["ratio"], "-", "reported"))
     for group in ("in_process", "subprocess"):  # each variant of the training step against its baseline
         for name, v in (data.get("variants") or {}).get(group, {}).items():
             if name != "baseline":
@@ -336,9 +345,23 @@ def _reuse_note(results: list[dict[str, Any]]) -> list[str]:
     if not reused:
         return []
     when = ", ".join(
-        f"{r['name']} ({time.strftime('%H:%M UTC', time.gmtime(Path(r['reused']).stat().st_mtime))})" for r in reused
+        f"{r['name']} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(written_at(Path(r['reused']))))})"
+        for r in reused
     )
     return [f"Figures read from an earlier run's JSON in this folder (`--reuse`): {when}.", ""]
+
+
+def written_at(path: Path) -> float:
+    """When a result JSON was written: its commit's time when git holds it unchanged (a checkout
+    sets every file's mtime to the checkout's time), else its mtime."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(path.parent), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else "?"
+
+    committed = git("log", "-1", "--format=%ct", "--", path.name)
+    if committed.isdigit() and git("status", "--porcelain", "--", path.name) == "":
+        return float(committed)
+    return path.stat().st_mtime
 
 
 def render_markdown(machine: dict[str, Any], results: list[dict[str, Any]], quick: bool, started: str) -> str:
