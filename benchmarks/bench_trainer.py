@@ -37,6 +37,13 @@
    median images/s, % of the CPU's peak (as in 4.), the ratio to its baseline, the same per CPU-second
    of the process (steadier on a shared machine; blind to a change of parallelism) and the first and
    last training loss of its trajectory.
+6. Epoch stalls: the demo model fitted with validation every epoch, as fit_model feeds it now
+   (trainer.fit_inputs: the train split repeated, one iterator for the whole fit; eval without
+   tf.data autotuning) and as it did before (a new autotuned train and eval iterator every epoch),
+   alternating. Per side: wall seconds per epoch, the CPU the machine left idle during each epoch
+   (/proc/stat, both cores) and the epochs that stalled (more than 25% of the CPU idle: an epoch that
+   only trains and validates keeps both cores busy). Before the change 4 of 9 demo epochs spent
+   about 4 s with both cores idle.
 
     python benchmarks/bench_trainer.py [--json out.json]
     python benchmarks/bench_trainer.py --quick        # tiny sizes, one repeat: checks that it runs
@@ -169,6 +176,94 @@ def bench_pipeline(args: argparse.Namespace, workdir: Path) -> dict:
         "images_per_cpu_s": {k: round(v, 1) for k, v in cpu.items()}, "cpu_ratio": round(cpu["tfdata"] / cpu["numpy"], 3),
         "cpu_runs": {k: [round(x, 1) for x in v] for k, v in cpu_rates.items()},
     }
+
+
+# ---------------------------------------------------------------- 6. epoch stalls
+
+
+STALL_IDLE_SHARE = 0.25
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(idle, total) jiffies of the whole machine so far, from /proc/stat's first line."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user..steal
+
+
+def bench_epoch_stalls(args: argparse.Namespace, workdir: Path) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from segpipe.components.core import artifacts
+    from segpipe.components.trainer import augment_options, fit_inputs, make_dataset
+
+    num, eval_num = args.pipeline_images, max(8, args.pipeline_images // 10)
+    images, masks = make_data(num + eval_num, args.size, seed=1)
+    files = {artifacts.TRAIN: write_records(workdir / "stalls" / "train", images[:num], masks[:num]),
+             artifacts.EVAL: write_records(workdir / "stalls" / "eval", images[num:], masks[num:], shards=1)}
+    _, train_config = default_run_configs(True)
+    batch = int(train_config["batch_size"])
+    autotuned = tf.data.Options()
+    autotuned.autotune.enabled = True  # undoes make_dataset's eval setting: the input as it was
+
+    def per_epoch_iterators() -> tuple[Any, Any, dict]:
+        train = make_dataset(files[artifacts.TRAIN], image_size=args.size, batch_size=batch, training=True,
+                             shuffle_buffer=int(train_config["shuffle_buffer"]), augment=augment_options(train_config),
+                             seed=int(train_config["seed"]), num_records=num)
+        evaluation = make_dataset(files[artifacts.EVAL], image_size=args.size, batch_size=batch, training=False)
+        return train, evaluation.with_options(autotuned), {}
+
+    def one_iterator() -> tuple[Any, Any, dict]:
+        train, evaluation, steps = fit_inputs(files, image_size=args.size, batch_size=batch, train_config=train_config,
+                                              num_records=num)
+        return train, evaluation, {"steps_per_epoch": steps}
+
+    class EpochClock(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list[dict[str, float]] = []
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.start, self.jiffies = time.perf_counter(), cpu_jiffies()
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            (idle0, total0), (idle1, total1) = self.jiffies, cpu_jiffies()
+            self.epochs.append({"seconds": time.perf_counter() - self.start,
+                                "idle_share": (idle1 - idle0) / max(1, total1 - total0)})
+
+    sides = {"one_iterator": one_iterator, "per_epoch_iterators": per_epoch_iterators}
+    models = {name: compiled_model(args.size, args.base_filters, args.depth, True) for name in sides}
+    epochs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for repeat in range(args.repeats):  # alternate to share any machine-load drift
+        for name, inputs in sides.items():
+            train, evaluation, fit = inputs()
+            clock = EpochClock()
+            models[name].fit(train, validation_data=evaluation, epochs=args.stall_epochs + (repeat == 0), verbose=0,
+                             shuffle=False, callbacks=[clock], **fit)
+            epochs[name] += clock.epochs[1:] if repeat == 0 else clock.epochs  # not the tracing epoch
+    result: dict = {"images": num, "eval_images": eval_num, "size": args.size, "batch_size": batch,
+                    "stall_idle_share": STALL_IDLE_SHARE}
+    for name, rows in epochs.items():
+        seconds = [r["seconds"] for r in rows]
+        result[name] = {"epochs": len(rows), "seconds_per_epoch": round(float(np.median(seconds)), 2),
+                        "total_seconds": round(sum(seconds), 1),
+                        "stalled_epochs": sum(r["idle_share"] > STALL_IDLE_SHARE for r in rows),
+                        "idle_share": round(float(np.mean([r["idle_share"] for r in rows])), 3),
+                        "runs": [[round(r["seconds"], 2), round(r["idle_share"], 3)] for r in rows]}
+    result["ratio"] = round(result["one_iterator"]["total_seconds"] / result["per_epoch_iterators"]["total_seconds"], 3)
+    return result
+
+
+def print_epoch_stalls(st: dict) -> None:
+    a, b = st["one_iterator"], st["per_epoch_iterators"]
+    print(f"epoch stalls ({st['images']} train / {st['eval_images']} eval images, {st['size']} px, batch "
+          f"{st['batch_size']}, validation every epoch)")
+    print(f"{'':<34}{'one iterator':>18}{'per epoch':>18}{'ratio':>8}")
+    print(f"{'  seconds of the timed epochs':<34}{a['total_seconds']:>18}{b['total_seconds']:>18}{st['ratio']:>8}")
+    print(f"{'  median seconds per epoch':<34}{a['seconds_per_epoch']:>18}{b['seconds_per_epoch']:>18}")
+    print(f"{'  CPU left idle (mean share)':<34}{a['idle_share']:>18.1%}{b['idle_share']:>18.1%}")
+    print(f"{'  stalled epochs (> 25% idle)':<34}{str(a['stalled_epochs']) + ' of ' + str(a['epochs']):>18}"
+          f"{str(b['stalled_epochs']) + ' of ' + str(b['epochs']):>18}")
 
 
 # ---------------------------------------------------------------- 2. peak memory
@@ -524,6 +619,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-frameworks", action="store_true", help="skip 4. (FLOP/s, tf_keras side by side)")
     parser.add_argument("--skip-variants", action="store_true", help="skip 5. (variants of the training step)")
+    parser.add_argument("--skip-stalls", action="store_true", help="skip 6. (epoch stalls)")
+    parser.add_argument("--stall-epochs", type=int, default=5, help="timed epochs per side and repeat of 6.")
     parser.add_argument("--variant-repeats", type=int, default=3, help="repeats of 5. (the median is reported)")
     parser.add_argument("--variants", nargs="+", choices=sorted({*STEP_VARIANTS, *PROCESS_VARIANTS} - {"baseline"}),
                         help="only these variants of 5. (and the baseline); default all")
@@ -541,7 +638,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.images, args.size, args.epochs, args.repeats, args.memory_n, args.memory_size = 48, 32, 1, 1, 8, 32
         args.pipeline_images = 48
-        args.variant_repeats = 1
+        args.variant_repeats, args.stall_epochs = 1, 2
     return args
 
 
@@ -569,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["frameworks"] = bench_frameworks(args, Path(tmp))
             if not args.skip_variants:
                 results["variants"] = bench_variants(args, Path(tmp))
+            if not args.skip_stalls:
+                results["stalls"] = bench_epoch_stalls(args, Path(tmp))
         print(f"{'measure':<34}{'trainer tf.data':>18}{'numpy (tutorial)':>18}{'ratio':>8}  goal")
         if "pipeline" in results:
             p = results["pipeline"]
@@ -596,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cpu['fp32_flops_per_cycle']} ({cpu['isa']}); {f['forward_gflops_per_image']} GFLOPs forward/image")
         if "variants" in results:
             print_variants(results["variants"])
+        if "stalls" in results:
+            print_epoch_stalls(results["stalls"])
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -109,6 +109,13 @@ def trainer_rows(data: dict[str, Any]) -> list[Row]:
         rows.append(Row("Same model and input: segpipe (Keras 3) vs tf_keras 2 (TFX's Trainer), train images/s",
                         f"{f['segpipe']['images_per_s']} img/s", f"tf_keras {f['tf_keras']['images_per_s']} img/s",
                         f["ratio"], "-", "reported"))
+    if "stalls" in data:
+        st = data["stalls"]
+        a, b = st["one_iterator"], st["per_epoch_iterators"]
+        rows.append(Row(f"Epochs with validation: one input iterator per fit vs a new one per epoch, seconds of "
+                        f"{a['epochs']} epochs (stalled epochs, > 25% of the CPU idle: {a['stalled_epochs']} vs "
+                        f"{b['stalled_epochs']})", f"{a['total_seconds']} s", f"per epoch {b['total_seconds']} s",
+                        st["ratio"], "-", "reported"))
     for group in ("in_process", "subprocess"):  # each variant of the training step against its baseline
         for name, v in (data.get("variants") or {}).get(group, {}).items():
             if name != "baseline":

@@ -257,7 +257,8 @@ def make_dataset(
     `num_records` declares the length (ceil(num_records / batch_size) batches; tf.data fails if the
     data disagrees): Keras then ends each epoch after exactly that many steps instead of running one
     more step into the end of the data, which advances the optimizer's step counter (and so the
-    learning-rate schedule) without an update.
+    learning-rate schedule) without an update. fit_inputs repeats the training input so that one
+    iterator serves the whole fit.
     """
     import tensorflow as tf
 
@@ -292,7 +293,16 @@ def make_dataset(
             dataset = dataset.cache()
         if augmentation:
             dataset = dataset.map(lambda x, y: augment_batch(x, y, **augmentation), **parallel)
-    return dataset.prefetch(autotune)
+    dataset = dataset.prefetch(autotune)
+    if not training:
+        # Keras makes a new iterator for every evaluation, and freeing one that tf.data's autotuning
+        # ran (its model thread) left both cores idle for about 4 s in 4 of 9 epochs of the demo
+        # (bench_trainer's epoch_stalls). Without autotuning, AUTOTUNE parallel stages run one call
+        # per core and prefetch sizes its own buffer: the same for a pass that feeds no trainer.
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        dataset = dataset.with_options(options)
+    return dataset
 
 
 # ---------------------------------------------------------------- input checks
@@ -1179,6 +1189,26 @@ def augment_options(train_config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def fit_inputs(
+    files: Mapping[str, list[str]], *, image_size: int, batch_size: int, train_config: Mapping[str, Any],
+    num_records: int,
+) -> tuple[Any, Any, int]:
+    """(train, evaluation, steps_per_epoch) for model.fit over global batches of `batch_size`.
+
+    The train split is repeated and fit reads ceil(num_records / batch_size) batches of it per epoch
+    (the declared epoch length), so Keras keeps one iterator, and tf.data's autotuning, for the whole
+    fit. Without `steps_per_epoch` it made a new one every epoch, and freeing the old one left both
+    cores idle for about 4 s in 4 of 9 epochs of the demo (bench_trainer's epoch stalls); each
+    repetition still reshuffles, so the epochs hold the same batches as before.
+    """
+    common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config["cache"])}
+    train = make_dataset(files[artifacts.TRAIN], training=True, shuffle_buffer=int(train_config["shuffle_buffer"]),
+                         augment=augment_options(train_config), seed=int(train_config["seed"]),
+                         num_records=num_records, **common)
+    evaluation = make_dataset(files[artifacts.EVAL], training=False, **common)
+    return train.repeat(), evaluation, math.ceil(num_records / batch_size)
+
+
 def fit_model(
     model: Any, files: Mapping[str, list[str]], backup: Path, *, image_size: int, train_config: Mapping[str, Any],
     strategy: Any, epochs: int, patience: int, num_records: int, write_dir: Path, freeze_epochs: int,
@@ -1198,14 +1228,11 @@ def fit_model(
     import tensorflow as tf
 
     freq = int(train_config["validation_freq"])
-    seed = int(train_config["seed"])
     batch_size = int(train_config["batch_size"]) * int(strategy.num_replicas_in_sync)
-    common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config["cache"])}
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train = make_dataset(files[artifacts.TRAIN], training=True, shuffle_buffer=int(train_config["shuffle_buffer"]),
-                         augment=augment_options(train_config), seed=seed, num_records=num_records, **common)
-    evaluation = make_dataset(files[artifacts.EVAL], training=False, **common)
+    train, evaluation, steps_per_epoch = fit_inputs(files, image_size=image_size, batch_size=batch_size,
+                                                    train_config=train_config, num_records=num_records)
     train, evaluation = train.with_options(options), evaluation.with_options(options)
     previous = [row for row in read_history(backup / RUN_DIR / HISTORY_FILE) if int(row["epoch"]) < resumed_epoch(backup)]
     history_path = write_dir / RUN_DIR / HISTORY_FILE
@@ -1221,7 +1248,7 @@ def fit_model(
         # shuffles; Keras cannot shuffle a tf.data input and warns when asked to (its default).
         try:
             model.fit(train, validation_data=evaluation, validation_freq=validation_epochs(epochs, freq),
-                      epochs=epochs, callbacks=callbacks, verbose=0, shuffle=False)
+                      epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=0, shuffle=False)
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as exc:
             if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
                 raise

@@ -1,7 +1,7 @@
 """Tuner: a KerasTuner random search over the Trainer's own recipe, before the Trainer (TFX's Tuner).
 
 - Trials: each trial builds, compiles and feeds the U-Net exactly as the Trainer does (its
-  create_model, compile_model, make_dataset, augment_options, plan_run), with the trial's values for
+  create_model, compile_model, fit_inputs, plan_run), with the trial's values for
   the searched fields (learning rate, width, loss, augmentation). A trial trains `trial_fraction` of
   the Trainer's planned epochs (at least one) under the same warm-up + cosine schedule compressed to
   those steps, so a trial is a short version of the real run.
@@ -109,12 +109,9 @@ def make_hypermodel(
         def fit(self, hp: Any, model: Any, *args: Any, callbacks: list[Any] | None = None, **kwargs: Any) -> Any:
             values = trial_values(hp)
             config = {**train_config, **split_values(values)[1]}
-            common = {"image_size": image_size, "batch_size": int(config["batch_size"]) * replicas}
-            train = trainer.make_dataset(files[artifacts.TRAIN], training=True,
-                                         shuffle_buffer=int(config["shuffle_buffer"]),
-                                         augment=trainer.augment_options(config), seed=int(config["seed"]),
-                                         num_records=plan["records"], **common)
-            evaluation = trainer.make_dataset(files[artifacts.EVAL], training=False, **common)
+            train, evaluation, steps_per_epoch = trainer.fit_inputs(
+                files, image_size=image_size, batch_size=int(config["batch_size"]) * replicas, train_config=config,
+                num_records=plan["records"])
             log.info("tuner trial: %s", values)
             started = time.monotonic()
             try:
@@ -123,7 +120,7 @@ def make_hypermodel(
                     # data, which Keras warns about every epoch (the Trainer silences it too).
                     warnings.filterwarnings("ignore", message="Your input ran out of data")
                     return model.fit(train, validation_data=evaluation, epochs=plan["epochs"], verbose=0,
-                                     shuffle=False, callbacks=[*(callbacks or []), trainer.raise_on_nan_callback(),
+                                     steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=[*(callbacks or []), trainer.raise_on_nan_callback(),
                                                                budget_callback(deadline)])
             finally:
                 seconds[json.dumps(values, sort_keys=True)] = round(time.monotonic() - started, 2)

@@ -292,6 +292,30 @@ def test_augmented_training_batches_keep_every_pixel(tiny_transform, cache):
     assert all(images.shape[1:] == (SIZE, SIZE, 3) and masks.dtype.name == "int32" for images, masks in batches)
 
 
+def test_fit_inputs_repeat_the_whole_train_split_each_epoch_and_evaluate_without_autotuning(tiny_transform):
+    """One iterator serves the whole fit: the train input never ends, and each run of
+    steps_per_epoch batches is one whole pass over the split (the last batch short, as before)."""
+    import tensorflow as tf
+
+    files = {split: artifacts.split_files(tiny_transform["transformed"], split) for split in ("train", "eval")}
+    plain = list(trainer.make_dataset(files["train"], image_size=SIZE, batch_size=3, training=False))
+    records = sum(int(images.shape[0]) for images, _ in plain)
+    expected_labels = np.bincount(np.concatenate([m.numpy().ravel() for _, m in plain]), minlength=256)
+    train, evaluation, steps = trainer.fit_inputs(files, image_size=SIZE, batch_size=3,
+                                                  train_config=train_config(augment_zoom=0.0), num_records=records)
+    assert steps == -(-records // 3)
+    assert int(train.cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+    batches = iter(train)
+    for _ in range(3):
+        epoch = [next(batches) for _ in range(steps)]
+        assert sum(int(images.shape[0]) for images, _ in epoch) == records
+        labels = np.bincount(np.concatenate([m.numpy().ravel() for _, m in epoch]), minlength=256)
+        np.testing.assert_array_equal(labels, expected_labels)
+    assert evaluation.options().autotune.enabled is False  # Keras frees an eval iterator per validation
+    assert train.options().autotune.enabled is not False
+    assert sum(int(images.shape[0]) for images, _ in evaluation) > 0
+
+
 def test_dataset_streams_parsed_batches(tiny_transform):
     files = artifacts.split_files(tiny_transform["transformed"], "eval")
     dataset = trainer.make_dataset(files, image_size=SIZE, batch_size=3, training=False)
