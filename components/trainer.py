@@ -296,9 +296,9 @@ def make_dataset(
     dataset = dataset.prefetch(autotune)
     if not training:
         # Keras makes a new iterator for every evaluation, and freeing one that tf.data's autotuning
-        # ran (its model thread) left both cores idle for about 4 s in 4 of 9 epochs of the demo
-        # (bench_trainer's epoch_stalls). Without autotuning, AUTOTUNE parallel stages run one call
-        # per core and prefetch sizes its own buffer: the same for a pass that feeds no trainer.
+        # had run left both cores idle for about 4 s in 4 of 9 epochs of the demo (bench_trainer's
+        # epoch stalls). Without autotuning, each AUTOTUNE parallel stage runs one call per core (at
+        # most 16) and prefetch sizes its own buffer, which is enough for a pass that feeds no trainer.
         options = tf.data.Options()
         options.autotune.enabled = False
         dataset = dataset.with_options(options)
@@ -1198,8 +1198,8 @@ def fit_inputs(
     The train split is repeated and fit reads ceil(num_records / batch_size) batches of it per epoch
     (the declared epoch length), so Keras keeps one iterator, and tf.data's autotuning, for the whole
     fit. Without `steps_per_epoch` it made a new one every epoch, and freeing the old one left both
-    cores idle for about 4 s in 4 of 9 epochs of the demo (bench_trainer's epoch stalls); each
-    repetition still reshuffles, so the epochs hold the same batches as before.
+    cores idle for about 4 s in 4 of 9 epochs of the demo (bench_trainer's epoch stalls). Each
+    epoch is still one whole pass over the split, reshuffled, its last batch short as before.
     """
     common = {"image_size": image_size, "batch_size": batch_size, "cache": bool(train_config["cache"])}
     train = make_dataset(files[artifacts.TRAIN], training=True, shuffle_buffer=int(train_config["shuffle_buffer"]),

@@ -1,8 +1,8 @@
 """Tuner: a KerasTuner random search over the Trainer's own recipe, before the Trainer (TFX's Tuner).
 
 - Trials: each trial builds, compiles and feeds the U-Net exactly as the Trainer does (its
-  create_model, compile_model, fit_inputs, plan_run), with the trial's values for
-  the searched fields (learning rate, width, loss, augmentation). A trial trains `trial_fraction` of
+  create_model, compile_model, fit_inputs, plan_run), with the trial's values for the searched
+  fields (learning rate, width, loss, augmentation). A trial trains `trial_fraction` of
   the Trainer's planned epochs (at least one) under the same warm-up + cosine schedule compressed to
   those steps, so a trial is a short version of the real run.
 - Objective: the best eval foreground IoU of the trial's epochs (`val_iou`, the gate's metric),
@@ -119,9 +119,10 @@ def make_hypermodel(
                     # The eval split has no declared length, so each evaluation ends by running out of
                     # data, which Keras warns about every epoch (the Trainer silences it too).
                     warnings.filterwarnings("ignore", message="Your input ran out of data")
-                    return model.fit(train, validation_data=evaluation, epochs=plan["epochs"], verbose=0,
-                                     steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=[*(callbacks or []), trainer.raise_on_nan_callback(),
-                                                               budget_callback(deadline)])
+                    return model.fit(train, validation_data=evaluation, epochs=plan["epochs"],
+                                     steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,
+                                     callbacks=[*(callbacks or []), trainer.raise_on_nan_callback(),
+                                                budget_callback(deadline)])
             finally:
                 seconds[json.dumps(values, sort_keys=True)] = round(time.monotonic() - started, 2)
 
