@@ -1206,7 +1206,7 @@ def fit_inputs(
                          augment=augment_options(train_config), seed=int(train_config["seed"]),
                          num_records=num_records, **common)
     evaluation = make_dataset(files[artifacts.EVAL], training=False, **common)
-    return train.repeat(), evaluation, math.ceil(num_records / batch_size)
+    return train.repeat(), evaluation, int(train.cardinality())  # the length make_dataset declared
 
 
 def fit_model(
