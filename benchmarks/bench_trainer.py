@@ -21,11 +21,20 @@
    with the same architecture (checked: equal parameter counts), optimizer and binary cross-entropy,
    alternating in one process; the medians of the repeats (the best runs beside them). Each side's
    training FLOP/s (3 x forward FLOPs counted from the
-   model's convolution layers x images/s) is set against the CPU's peak from /proc/cpuinfo:
-   logical CPUs x `cpu MHz` x fp32 FLOPs per cycle from the widest vector flag (avx512f: 16 lanes x
-   2 for the fused multiply-add x 2 FMA units = 64; avx2 + fma: 32; avx: 16; else sse: 8). Assumed:
-   two full-width FMA units per core and the reported clock sustained; a core that splits 512-bit
-   operations in two 256-bit halves, or SMT siblings counted as CPUs, would halve the true peak.
+   model's convolution layers x images/s) is set against the CPU's fp32 peak, measured:
+   benchmarks/fma_peak.c, compiled for this CPU (`cc -O3 -march=native`), runs independent chains
+   of fused multiply-adds on the widest vectors on every CPU the process may use (best of 5) and
+   times a chain of dependent adds for the clock. /proc/cpuinfo alone cannot give it: in a VM
+   `cpu MHz` is the base (TSC) clock, and AMD Zen 4 accepts AVX-512 but executes it on two 256-bit
+   FMA units. On this machine (AMD EPYC family 25 model 17, Zen 4) cpuinfo says 2.596 GHz and
+   avx512f, 2 x 2.596 x 64 = 332 GFLOP/s, while the probe measured 32 FLOPs per cycle (the same
+   with 256-bit and 512-bit FMAs) at about 3.5 GHz: 226-234 GFLOP/s on 2 cores. The computed
+   figure is printed beside it (logical CPUs x `cpu MHz` x FLOPs per cycle from the widest vector
+   flag: avx512f 64, except 32 on AMD family 25; avx2 + fma 32; avx 16; else sse 8), and is the
+   peak when no C compiler is found. As a check, TensorFlow's own fp32 matmul (3072^2, every
+   core) is timed and printed as a fraction of the peak: a fraction above 1 would mean a wrong peak.
+   Last, TensorFlow's profiler traces one more segpipe epoch: op time per kernel family (forward and
+   backward convolutions, batch norm, Adam, ...) and the convolutions' GFLOP/s of op time.
 5. Variants of the training step: the model and input the default run trains on the demo data (the
    auto plan's 64 px U-Net, base_filters 16, depth 3, batch norm, batch 8, the trainer's
    create_model, FusedAdam, schedule, loss, metrics and augmented make_dataset) under one change each:
@@ -53,10 +62,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -356,22 +367,150 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 FP32_FLOPS_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 16))  # with "fma" for avx2; see the docstring
+FMA_PEAK_SOURCE = Path(__file__).resolve().parent / "fma_peak.c"
+PEAK_RUNS = 5  # the peak is the best of these (the host's speed jumps between two levels)
+MATMUL_SIZE = 3072  # square fp32 matmul for TensorFlow's own ceiling on this CPU
 
 
-def cpu_peak(cpuinfo: str | None = None) -> dict:
-    """fp32 peak of the CPUs this process may use: logical CPUs x clock x FLOPs per cycle (docstring)."""
-    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    mhz = [float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
-    per_cycle, isa = 8, "sse"
+def cpuinfo_field(text: str, name: str) -> str:
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":", 1)[0].strip() == name), "")
+
+
+def fp32_flops_per_cycle(text: str) -> tuple[int, str]:
+    """(fp32 FLOPs per cycle and core, why) from the ISA flags of /proc/cpuinfo `text`.
+
+    AMD family 25 with avx512f is Zen 4, which executes 512-bit instructions on its 256-bit FMA
+    units (two per core), so it peaks at the AVX2 rate; Zen 3, the same family, has no AVX-512."""
+    flags = set(cpuinfo_field(text, "flags").split())
+    zen4 = cpuinfo_field(text, "vendor_id") == "AuthenticAMD" and cpuinfo_field(text, "cpu family") == "25"
     for flag, flops in FP32_FLOPS_PER_CYCLE:
         if flag in flags and (flag != "avx2" or "fma" in flags):
-            per_cycle, isa = flops, flag
-            break
+            if flag == "avx512f" and zen4:
+                return 32, "avx512f on AMD Zen 4 (family 25): 512-bit operations on two 256-bit FMA units"
+            return flops, flag
+    return 8, "sse"
+
+
+@functools.lru_cache(maxsize=None)
+def measured_fma_peak(threads: int) -> dict | None:
+    """benchmarks/fma_peak.c compiled for this CPU and run on `threads` threads: the best of
+    PEAK_RUNS runs' fp32 GFLOP/s and the clock it measured; None (with the reason logged) when no C
+    compiler is found or the probe fails."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.warning("no C compiler: the CPU's peak is computed from /proc/cpuinfo only")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "fma_peak"
+        built = subprocess.run([compiler, "-O3", "-march=native", "-pthread", str(FMA_PEAK_SOURCE), "-o", str(probe)],
+                               capture_output=True, text=True, check=False)
+        if built.returncode:
+            log.warning("fma_peak.c did not compile (%s): peak computed only", built.stderr.strip()[-300:])
+            return None
+        runs = []
+        for _ in range(PEAK_RUNS):
+            done = subprocess.run([str(probe), str(threads)], capture_output=True, text=True, check=False)
+            if done.returncode:
+                log.warning("fma_peak exited %d: peak computed only", done.returncode)
+                return None
+            runs.append(json.loads(done.stdout))
+    best = max(runs, key=lambda r: r["gflops"])
+    return {"gflops": best["gflops"], "clock_ghz": best["clock_ghz"], "vector_bits": best["vector_bits"],
+            "threads": threads, "runs_gflops": [r["gflops"] for r in runs], "compiler": Path(compiler).name}
+
+
+def cpu_peak(cpuinfo: str | None = None, measure: bool = True) -> dict:
+    """fp32 peak of the CPUs this process may use (docstring, section 4): measured by fma_peak.c when
+    `measure` and a C compiler allow it, else computed as CPUs x clock x FLOPs per cycle."""
+    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    mhz = [float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
+    per_cycle, isa = fp32_flops_per_cycle(text)
     cpus = len(os.sched_getaffinity(0))
     clock_ghz = max(mhz) / 1000 if mhz else float("nan")
-    return {"cpus": cpus, "clock_ghz": round(clock_ghz, 3), "isa": isa, "fp32_flops_per_cycle": per_cycle,
-            "peak_gflops": round(cpus * clock_ghz * per_cycle, 1)}
+    computed = round(cpus * clock_ghz * per_cycle, 1)
+    result = {"cpus": cpus, "clock_ghz": round(clock_ghz, 3), "isa": isa, "fp32_flops_per_cycle": per_cycle,
+              "computed_peak_gflops": computed, "measured": measured_fma_peak(cpus) if measure else None}
+    if result["measured"]:
+        m = result["measured"]
+        result["computed_at_measured_clock_gflops"] = round(cpus * m["clock_ghz"] * per_cycle, 1)
+        result["peak_gflops"], result["peak_source"] = m["gflops"], "measured (fma_peak.c)"
+    else:
+        result["peak_gflops"], result["peak_source"] = computed, "computed from /proc/cpuinfo"
+    return result
+
+
+def tf_matmul_gflops(size: int = MATMUL_SIZE, runs: int = 5) -> float:
+    """The best GFLOP/s of TensorFlow's fp32 matmul of two size x size matrices on every core: what
+    the stack's best-tuned kernel reaches on this CPU, a check on the peak (it cannot exceed it)."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal([size, size], seed=1), tf.random.normal([size, size], seed=2)
+    matmul = tf.function(tf.linalg.matmul)
+    matmul(a, b).numpy()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(3):
+            out = matmul(a, b)
+        out.numpy()
+        best = min(best, (time.perf_counter() - start) / 3)
+    return round(2.0 * size**3 / best / 1e9, 1)
+
+
+# Kernel families of a U-Net training step on CPU (oneDNN names, "_MklNative" dropped); the rest is "other".
+OP_FAMILIES = {"Conv2DBackpropFilter": "conv backward (filter)", "Conv2DBackpropInput": "conv backward (input)",
+               "Conv2D": "conv forward", "FusedConv2D": "conv forward", "FusedBatchNormGradV3": "batch norm",
+               "FusedBatchNormEx": "batch norm", "FusedBatchNormV3": "batch norm", "ResourceApplyAdam": "Adam",
+               "ReluGrad": "relu", "Relu": "relu"}
+
+
+def op_time_shares(model: Any, data: Any) -> dict:
+    """Where one epoch's op time goes: TensorFlow's profiler over `model.fit(data)` (after the timed
+    runs: nothing left to trace), op durations summed per kernel family and as shares of all ops.
+    Convolution families also get GFLOP/s of op time (each is about one forward pass's FLOPs)."""
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TF's own trace format
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        start = time.perf_counter()
+        model.fit(data, epochs=1, verbose=0)
+        wall = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        space.ParseFromString(next(Path(logdir).rglob("*.xplane.pb")).read_bytes())
+    seconds: dict[str, float] = {}
+    for plane in space.planes:
+        for line in plane.lines:
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name  # "scope/op:Type" for TF ops
+                if ":" not in name or "/" not in name:
+                    continue
+                kind = name.rsplit(":", 1)[1].replace("_MklNative", "").replace("_Mkl", "")
+                family = OP_FAMILIES.get(kind, "other")
+                seconds[family] = seconds.get(family, 0.0) + event.duration_ps / 1e12
+    total = sum(seconds.values())
+    images = sum(int(x.shape[0]) for x, _ in data)
+    flops = forward_flops(model) * images
+    return {"epoch_wall_seconds": round(wall, 2), "op_seconds": round(total, 2), "images": images,
+            "families": {f: {"seconds": round(v, 2), "share": round(v / total, 4),
+                             **({"gflops_of_op_time": round(flops / v / 1e9, 1)} if f.startswith("conv") else {})}
+                         for f, v in sorted(seconds.items(), key=lambda kv: -kv[1])}}
+
+
+def print_peak(cpu: dict, matmul: dict | None) -> None:
+    computed = (f"computed {cpu['computed_peak_gflops']} GFLOP/s = {cpu['cpus']} CPUs x {cpu['clock_ghz']} GHz "
+                f"(/proc/cpuinfo) x {cpu['fp32_flops_per_cycle']} ({cpu['isa']})")
+    m = cpu.get("measured")
+    if m:
+        print(f"{'  CPU fp32 peak':<34}{m['gflops']:>18}  GFLOP/s measured (fma_peak.c, {m['threads']} threads, "
+              f"{m['vector_bits']}-bit FMAs, best of {m['runs_gflops']}; clock {m['clock_ghz']} GHz)")
+        print(f"{'':<34}{'':>18}  {computed}; at the measured clock {cpu['computed_at_measured_clock_gflops']}")
+    else:
+        print(f"{'  CPU fp32 peak':<34}{cpu['peak_gflops']:>18}  GFLOP/s {computed}")
+    if matmul:
+        print(f"{'  TensorFlow fp32 matmul':<34}{matmul['gflops']:>18}  GFLOP/s ({matmul['size']}^2, all cores): "
+              f"{matmul['fraction_of_peak']:.1%} of the peak")
 
 
 def tf_keras_unet(size: int, base_filters: int, depth: int, batch_norm: bool) -> Any:
@@ -429,9 +568,10 @@ def bench_frameworks(args: argparse.Namespace, workdir: Path) -> dict:
     for _ in range(args.repeats):  # alternate to share any machine-load drift
         rates["segpipe"].append(args.images * args.epochs / timed_fit(segpipe_model, dataset(), args.epochs))
         rates["tf_keras"].append(args.images * args.epochs / timed_fit(keras2_model, keras2_input, args.epochs))
-    peak = cpu_peak()
+    peak, matmul = cpu_peak(), tf_matmul_gflops()
     result: dict = {"images": args.images, "size": args.size, "model": f"base_filters {args.base_filters}, depth {args.depth}",
                     "forward_gflops_per_image": round(flops / 1e9, 3), "cpu": peak,
+                    "tf_matmul": {"size": MATMUL_SIZE, "gflops": matmul, "fraction_of_peak": round(matmul / peak["peak_gflops"], 4)},
                     "runs": {k: [round(x, 1) for x in v] for k, v in rates.items()}}
     for name, values in rates.items():  # the median run; the best one beside it
         gflops = float(np.median(values)) * 3 * flops / 1e9
@@ -439,6 +579,7 @@ def bench_frameworks(args: argparse.Namespace, workdir: Path) -> dict:
                         "train_gflops": round(gflops, 1), "fraction_of_peak": round(gflops / peak["peak_gflops"], 4)}
     result["ratio"] = round(result["segpipe"]["images_per_s"] / result["tf_keras"]["images_per_s"], 3)
     result["batch_norm"], result["batch_size"] = args.variant_batch_norm, args.batch_size
+    result["op_time"] = op_time_shares(segpipe_model, dataset())
     return result
 
 
@@ -589,7 +730,7 @@ def bench_variants(args: argparse.Namespace, workdir: Path) -> dict:
 
 def print_variants(v: dict) -> None:
     print(f"variants of the training step ({v['model']}, {v['size']} px, median of {v['repeats']}; "
-          f"peak {v['cpu']['peak_gflops']} GFLOP/s; load {v['load_average_before']} -> {v['load_average']})")
+          f"peak {v['cpu']['peak_gflops']} GFLOP/s {v['cpu'].get('peak_source', '')}; load {v['load_average_before']} -> {v['load_average']})")
     print(f"{'  variant':<34}{'batch':>6}{'images/s':>10}{'GFLOP/s':>9}{'of peak':>9}{'ratio':>7}"
           f"{'img/CPU-s':>10}{'ratio':>7}  loss first -> last")
     for group, label in (("in_process", ""), ("subprocess", " (child)")):
@@ -691,8 +832,15 @@ def main(argv: list[str] | None = None) -> int:
                   f" batch {f['batch_size']}, batch norm {f['batch_norm']})")
             print(f"{'  train GFLOP/s (3x forward)':<34}{f['segpipe']['train_gflops']:>18}{f['tf_keras']['train_gflops']:>18}")
             print(f"{'  fraction of CPU fp32 peak':<34}{f['segpipe']['fraction_of_peak']:>18.2%}{f['tf_keras']['fraction_of_peak']:>18.2%}"
-                  f"  peak {cpu['peak_gflops']} GFLOP/s = {cpu['cpus']} CPUs x {cpu['clock_ghz']} GHz x "
-                  f"{cpu['fp32_flops_per_cycle']} ({cpu['isa']}); {f['forward_gflops_per_image']} GFLOPs forward/image")
+                  f"  >= 35%; {f['forward_gflops_per_image']} GFLOPs forward/image")
+            print_peak(cpu, f.get("tf_matmul"))
+            if f.get("op_time"):
+                ot = f["op_time"]
+                print(f"{'  op time of one segpipe epoch':<34}{ot['op_seconds']:>18}  s of ops in {ot['epoch_wall_seconds']} s wall "
+                      f"(TensorFlow profiler, {ot['images']} images)")
+                for family, row in ot["families"].items():
+                    rate = f"  {row['gflops_of_op_time']} GFLOP/s of op time" if "gflops_of_op_time" in row else ""
+                    print(f"{'    ' + family:<34}{row['share']:>18.1%}  {row['seconds']} s{rate}")
         if "variants" in results:
             print_variants(results["variants"])
         if "stalls" in results:
