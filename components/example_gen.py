@@ -35,6 +35,7 @@ from segpipe.components.core.data_format import (
     MissingFeatureError,
     NotAnExampleError,
     display_id,
+    gzip_record_options,
     open_image,
     parse_example_raw,
     parse_proto,
@@ -218,7 +219,7 @@ def _check_content(image_bytes: bytes, mask_bytes: bytes, num_classes: int, min_
         return f"{SIZE_MISMATCH}: image {image.size[1]}x{image.size[0]} but mask {mask.size[1]}x{mask.size[0]}"
     if min(image.size) < min_image_size:
         return f"{TOO_SMALL}: {image.size[1]}x{image.size[0]} is below the minimum side {min_image_size}"
-    values = np.unique(np.asarray(mask))
+    values = np.flatnonzero(np.bincount(np.asarray(mask).ravel(), minlength=256))  # one pass; np.unique sorts
     bad = [int(v) for v in values if v >= num_classes and v != artifacts.IGNORE_LABEL]
     if bad:
         return f"{MASK_VALUES}: mask values {bad} are outside 0..{num_classes - 1} and {artifacts.IGNORE_LABEL}"
@@ -347,7 +348,7 @@ def _shard_writer(out_dir: str) -> Any:
             if split not in self._open:
                 path = str(artifacts.split_dir(out_dir, split) / f".shard-{uuid.uuid4().hex}.tfrecord.gz")
                 tf.io.gfile.makedirs(os.path.dirname(path))
-                self._open[split] = tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type="GZIP"))
+                self._open[split] = tf.io.TFRecordWriter(path, gzip_record_options())
                 self._stats[split] = {"split": split, "path": path, "count": 0, "kinds": {}}
             self._open[split].write(payload)
             stats = self._stats[split]
@@ -425,7 +426,7 @@ def _finalize_shards(out_dir: Path, names: Sequence[str], shards: list[dict[str,
             os.remove(leftover)
         if not committed:
             empty = folder / ".shard-empty.tfrecord.gz"
-            tf.io.TFRecordWriter(str(empty), tf.io.TFRecordOptions(compression_type="GZIP")).close()
+            tf.io.TFRecordWriter(str(empty), gzip_record_options()).close()
             committed = [str(empty)]
         for i, path in enumerate(committed):
             os.replace(path, folder / f"data-{i:05d}-of-{len(committed):05d}.tfrecord.gz")

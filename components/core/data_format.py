@@ -234,6 +234,16 @@ def next_span(data_root: str | os.PathLike) -> int:
     return spans[-1] + 1 if spans else 1
 
 
+def gzip_record_options() -> Any:
+    """TFRecord options for segpipe's `.tfrecord.gz` files of encoded images: GZIP with stored
+    (level 0) blocks. Every payload is PNG or JPEG bytes, which deflate does not shrink (on the demo
+    data it saved 0.02% of the bytes while writing took 12 times as long, about 1.2 s per 1,000
+    images); the files stay GZIP, so any reader given `compression_type="GZIP"` reads them."""
+    import tensorflow as tf
+
+    return tf.io.TFRecordOptions(compression_type="GZIP", compression_level=0)
+
+
 def write_span(
     data_root: str | os.PathLike,
     span: int,
@@ -253,7 +263,7 @@ def write_span(
     if final.exists():
         raise BadInputError(f"{final}: span {span} already exists; spans are immutable, use a new span number")
     suffix = ".tfrecord.gz" if compress else ".tfrecord"
-    options = tf.io.TFRecordOptions(compression_type="GZIP" if compress else "")
+    options = gzip_record_options() if compress else tf.io.TFRecordOptions(compression_type="")
     count = 0
     with atomic_dir(final) as tmp:
         writers = [
