@@ -391,12 +391,17 @@ def fp32_flops_per_cycle(text: str) -> tuple[int, str]:
     return 8, "sse"
 
 
+def c_compiler() -> str | None:
+    """The C compiler fma_peak.c is built with, if the machine has one."""
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 @functools.lru_cache(maxsize=None)
 def measured_fma_peak(threads: int) -> dict | None:
     """benchmarks/fma_peak.c compiled for this CPU and run on `threads` threads: the best of
     PEAK_RUNS runs' fp32 GFLOP/s and the clock it measured; None (with the reason logged) when no C
     compiler is found or the probe fails."""
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = c_compiler()
     if compiler is None:
         log.warning("no C compiler: the CPU's peak is computed from /proc/cpuinfo only")
         return None
@@ -464,9 +469,10 @@ OP_FAMILIES = {"Conv2DBackpropFilter": "conv backward (filter)", "Conv2DBackprop
                "ReluGrad": "relu", "Relu": "relu"}
 
 
-def op_time_shares(model: Any, data: Any) -> dict:
+def op_time_shares(model: Any, data: Any, images: int) -> dict:
     """Where one epoch's op time goes: TensorFlow's profiler over `model.fit(data)` (after the timed
-    runs: nothing left to trace), op durations summed per kernel family and as shares of all ops.
+    runs: nothing left to trace; `images` per epoch), op durations summed per kernel family and as
+    shares of all ops.
     Convolution families also get GFLOP/s of op time (each is about one forward pass's FLOPs)."""
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2  # TF's own trace format
@@ -490,7 +496,6 @@ def op_time_shares(model: Any, data: Any) -> dict:
                 family = OP_FAMILIES.get(kind, "other")
                 seconds[family] = seconds.get(family, 0.0) + event.duration_ps / 1e12
     total = sum(seconds.values())
-    images = sum(int(x.shape[0]) for x, _ in data)
     flops = forward_flops(model) * images
     return {"epoch_wall_seconds": round(wall, 2), "op_seconds": round(total, 2), "images": images,
             "families": {f: {"seconds": round(v, 2), "share": round(v / total, 4),
@@ -579,7 +584,7 @@ def bench_frameworks(args: argparse.Namespace, workdir: Path) -> dict:
                         "train_gflops": round(gflops, 1), "fraction_of_peak": round(gflops / peak["peak_gflops"], 4)}
     result["ratio"] = round(result["segpipe"]["images_per_s"] / result["tf_keras"]["images_per_s"], 3)
     result["batch_norm"], result["batch_size"] = args.variant_batch_norm, args.batch_size
-    result["op_time"] = op_time_shares(segpipe_model, dataset())
+    result["op_time"] = op_time_shares(segpipe_model, dataset(), args.images)
     return result
 
 
