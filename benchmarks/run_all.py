@@ -121,6 +121,8 @@ def trainer_rows(data: dict[str, Any]) -> list[Row]:
                         f"{a['epochs']} epochs (stalled epochs, > 25% of the CPU idle: {a['stalled_epochs']} vs "
                         f"{b['stalled_epochs']})", f"{a['total_seconds']} s", f"per epoch {b['total_seconds']} s",
                         st["ratio"], "-", "reported"))
+    for name, d in (data.get("time_to_quality") or {}).get("datasets", {}).items():
+        rows += time_to_quality_rows(name, d)
     for group in ("in_process", "subprocess"):  # each variant of the training step against its baseline
         for name, v in (data.get("variants") or {}).get(group, {}).items():
             if name != "baseline":
@@ -128,6 +130,27 @@ def trainer_rows(data: dict[str, Any]) -> list[Row]:
                                 f"{v['images_per_s']} img/s ({v['fraction_of_peak']:.1%} of peak)",
                                 f"{data['variants'][group]['baseline']['images_per_s']} img/s",
                                 v["ratio_to_baseline"], "-", "reported"))
+    return rows
+
+
+def time_to_quality_rows(name: str, d: dict[str, Any]) -> list[Row]:
+    """bench_trainer.py section 7: segpipe's seconds to each eval-IoU target against each tf_keras
+    side's (a side that never reached it: its whole run, and the ratio as a bound)."""
+    def when(side: dict[str, Any], target: str) -> str:
+        hit = side["reached"][target]
+        return f"{hit['seconds']} s ({hit['steps']} steps)" if hit else f"never in {side['seconds']} s ({side['steps']} steps)"
+
+    rows = []
+    for target, iou in d["target_iou"].items():
+        of = "the best of any side" if target == "any_side" else "segpipe's best"
+        for side, label in (("tf_keras_segpipe_recipe", "tf_keras with segpipe's recipe"),
+                            ("tf_keras_stock", "tf_keras with the tutorial's stock recipe")):
+            ratio = d["ratios"][target][side]
+            bound = next((f" (ratio {sign} {ratio[key]})" for key, sign in (("seconds_below", "<"), ("seconds_above", ">"))
+                          if key in ratio), "")
+            rows.append(Row(f"Time to eval IoU {iou} (95% of {of}) on {name}: segpipe's trainer vs {label} "
+                            f"(TFX's Keras){bound}", when(d["sides"]["segpipe"], target), when(d["sides"][side], target),
+                            ratio.get("seconds"), "-", "reported"))
     return rows
 
 
