@@ -169,13 +169,18 @@ def run_fn(fn_args: Any) -> None:
     patience = math.ceil(int(recipe["early_stopping_patience"]) * epochs / int(recipe["epochs"]))
     total = epochs * steps_per_epoch
     window = min(max(min(steps_per_epoch / 3, total / 10), BN_WINDOW_STEPS[0]), BN_WINDOW_STEPS[1])
-    model = unet(size, int(recipe["base_filters"]), int(recipe["depth"]), bool(recipe["batch_norm"]),
-                 round(1.0 - 1.0 / window, 4))
+    # "auto": segpipe's fitted momentum; a number (the stock recipe's Keras default 0.99) as given.
+    bn_momentum = round(1.0 - 1.0 / window, 4) if recipe.get("bn_momentum", "auto") == "auto" else float(recipe["bn_momentum"])
+    model = unet(size, int(recipe["base_filters"]), int(recipe["depth"]), bool(recipe["batch_norm"]), bn_momentum)
     warmup = int(round(total * float(recipe["warmup_fraction"])))
     rate = float(recipe["learning_rate"])
-    schedule = (tf_keras.optimizers.schedules.CosineDecay(0.0, max(1, total - warmup), warmup_target=rate,
-                                                          warmup_steps=warmup)
-                if warmup else tf_keras.optimizers.schedules.CosineDecay(rate, total))
+    if recipe.get("lr_schedule", "cosine") == "constant":  # the stock recipe: Adam at a constant rate
+        schedule = rate
+    elif warmup:
+        schedule = tf_keras.optimizers.schedules.CosineDecay(0.0, max(1, total - warmup), warmup_target=rate,
+                                                             warmup_steps=warmup)
+    else:
+        schedule = tf_keras.optimizers.schedules.CosineDecay(rate, total)
     model.compile(optimizer=tf_keras.optimizers.Adam(schedule), loss=tf_keras.losses.BinaryCrossentropy(),
                   metrics=[tf_keras.metrics.BinaryAccuracy(name="pixel_accuracy"),
                            tf_keras.metrics.BinaryIoU(target_class_ids=[1], name="iou")])
@@ -191,7 +196,7 @@ def run_fn(fn_args: Any) -> None:
     Path(fn_args.model_run_dir, "training.json").write_text(json.dumps({
         "train_records": records, "steps_per_epoch": steps_per_epoch, "epochs_planned": epochs,
         "epochs_run": len(history.history["loss"]), "steps": total, "patience": patience,
-        "bn_momentum": round(1.0 - 1.0 / window, 4), "parameters": int(model.count_params()),
+        "bn_momentum": bn_momentum, "parameters": int(model.count_params()),
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()}}, indent=2))
 
     model.tft_layer = transform_output.transform_features_layer()
