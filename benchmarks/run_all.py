@@ -284,7 +284,7 @@ BENCHMARKS: dict[str, Bench] = {
                        ("--num", "120", "--size", "64", "--pool", "60", "--memory-num", "20"), transform_rows),
     "trainer": Bench("bench_trainer.py", (), ("--images", "64", "--pipeline-images", "64", "--epochs", "1", "--repeats", "1",
                                           "--memory-n", "16",
-                                          "--variant-repeats", "1"),
+                                          "--variant-repeats", "1", "--time-to-quality-quick"),
                      trainer_rows),
     "ingest_memory": Bench("bench_ingest_memory.py", ("--n", "100"), ("--n", "10"), ingest_rows),
     "serving": Bench("bench_serving.py", (), ("--quick",), serving_rows),
