@@ -287,4 +287,5 @@ def print_time_to_quality(results: dict[str, Any]) -> None:
                       f"{row['best_iou']:>9}{hit['steps'] if hit else 'never':>17}{hit['seconds'] if hit else '-':>8}"
                       f"{ratio_text(ratio, 'seconds') if ratio is not None else '':>9}"
                       f"{ratio_text(ratio, 'steps') if ratio is not None else '':>9}")
-    print("  ratio = segpipe's time (steps) to the target / that side's; '<' when that side never reached it")
+    print("  ratio = segpipe's time (steps) to the target / that side's; '<' when that side never reached it "
+          "(its whole run bounds the ratio), '>' when segpipe did not")
