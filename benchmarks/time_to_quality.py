@@ -224,9 +224,9 @@ def bench_dataset(name: str, workdir: Path, quick: bool, seed: int) -> dict[str,
     targets = quality_targets({side: row["curve"] for side, row in sides.items()})
     for row in sides.values():
         last = row["curve"][-1]
-        row.update(epochs=last["epoch"], steps=last["epoch"] * plan["steps_per_epoch"], seconds=last["seconds"],
-                   best_iou=max(r["iou"] for r in row["curve"]),
-                   seconds_per_step=round(last["seconds"] / (last["epoch"] * plan["steps_per_epoch"]), 4),
+        steps = last["epoch"] * plan["steps_per_epoch"]
+        row.update(epochs=last["epoch"], steps=steps, seconds=last["seconds"],
+                   best_iou=max(r["iou"] for r in row["curve"]), seconds_per_step=round(last["seconds"] / steps, 4),
                    reached={name: reached(row["curve"], target, plan["steps_per_epoch"])
                             for name, target in targets.items()})
     return {"train_pixel_fractions": fractions, "plan": plan, "bn_momentum": summary["bn_momentum"],
